@@ -1,0 +1,127 @@
+"""The `recscale` command.
+
+Data commands (`prepare`, `encode`, `synth`, `inspect`) are plain argparse; training commands (`fit`, `validate`,
+`test`, `predict`) are a LightningCLI (see recscale.train).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from recscale.data.formats import PROTOCOLS, PrepareError
+
+DATA_COMMANDS = ("prepare", "encode", "synth", "inspect")
+
+
+def _data_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="recscale", description="recscale data commands")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("prepare", help="raw Kaggle file -> Parquet shards + spec.json + vocab/")
+    pr.add_argument("dataset", help="criteo or avazu")
+    pr.add_argument("--input", required=True, help="raw train.txt (Criteo) or train.csv (Avazu), plain or .gz")
+    pr.add_argument("--output", help="output directory (default: prepared/DATASET_PROTOCOL)")
+    pr.add_argument("--protocol", default="icml24", help=f"one of {', '.join(PROTOCOLS)} (default icml24)")
+    pr.add_argument("--min-count", type=int, default=None, help="tokens seen fewer times map to OOV (default: protocol's)")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the 8/1/1 split and the training shuffle (default 0)")
+    pr.add_argument("--shard-rows", type=int, default=1 << 20, help="rows per Parquet shard (default 1048576)")
+    pr.add_argument("--row-group-rows", type=int, default=1 << 16, help="rows per row group (default 65536)")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    pr.add_argument("--strict", action="store_true", help="stop at the first bad line instead of rejecting it")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    en = sub.add_parser("encode", help="encode another raw file with the ids of a prepared directory")
+    en.add_argument("--data", required=True, help="prepared directory whose vocab/ to use")
+    en.add_argument("--input", required=True, help="raw file in the same format")
+    en.add_argument("--output", required=True, help="output directory")
+    en.add_argument("--overwrite", action="store_true")
+    en.add_argument("--no-progress", action="store_true")
+
+    sy = sub.add_parser("synth", help="write a synthetic raw file in the dataset's own format")
+    sy.add_argument("dataset", help="criteo or avazu")
+    sy.add_argument("--rows", type=int, required=True)
+    sy.add_argument("--output", required=True)
+    sy.add_argument("--seed", type=int, default=0)
+
+    ins = sub.add_parser("inspect", help="stream a prepared split through the DataModule and summarise it")
+    ins.add_argument("data_dir")
+    ins.add_argument("--split", default="train", choices=["train", "valid", "test"])
+    ins.add_argument("--batch-size", type=int, default=2048)
+    ins.add_argument("--num-workers", type=int, default=0)
+    return p
+
+
+def _print_summary(summary: dict) -> None:
+    print(json.dumps(summary, indent=2))
+
+
+def run_data_command(argv: list[str]) -> int:
+    args = _data_parser().parse_args(argv)
+    try:
+        if args.command == "prepare":
+            from recscale.data.prepare import Options, prepare
+
+            out = args.output or f"prepared/{args.dataset}_{args.protocol}"
+            opts = Options(dataset=args.dataset, protocol=args.protocol, min_count=args.min_count, seed=args.seed,
+                           shard_rows=args.shard_rows, row_group_rows=args.row_group_rows, strict=args.strict,
+                           progress=not args.no_progress)
+            s = prepare(args.input, out, opts, overwrite=args.overwrite)
+            rows = s["rows"]
+            print(f"prepared {args.dataset} ({args.protocol}) in {s['seconds']} s -> {s['output']}\n"
+                  f"  rows: train {rows['train']:,}  valid {rows['valid']:,}  test {rows['test']:,}"
+                  f"  rejected {s['rejected']:,}" + (f" (see {out}/rejected.tsv)" if s["rejected"] else "") +
+                  f"\n  vocabulary: {s['total_vocabulary']:,} ids over {len(s['vocabulary'])} fields: "
+                  + ", ".join(f"{k}={v}" for k, v in s["vocabulary"].items()))
+        elif args.command == "encode":
+            from recscale.data.prepare import encode_file
+
+            _print_summary(encode_file(args.input, args.data, args.output, args.overwrite, not args.no_progress))
+        elif args.command == "synth":
+            from recscale.data.synth import synth
+
+            t = time.perf_counter()
+            path = synth(args.dataset, args.rows, args.output, args.seed)
+            print(f"wrote {args.rows:,} synthetic {args.dataset} rows to {path} in {time.perf_counter() - t:.1f} s")
+        elif args.command == "inspect":
+            _inspect(args)
+    except PrepareError as e:
+        print(f"recscale {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"recscale {args.command}: interrupted; nothing was left behind that looks complete", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _inspect(args) -> None:
+    import numpy as np
+
+    from recscale.data.datamodule import CTRDataModule
+
+    dm = CTRDataModule(args.data_dir, batch_size=args.batch_size, num_workers=args.num_workers)
+    loader = {"train": dm.train_dataloader, "valid": dm.val_dataloader, "test": dm.test_dataloader}[args.split]()
+    t, rows, pos, batches = time.perf_counter(), 0, 0.0, 0
+    seen_max = np.zeros(len(dm.fields), dtype=np.int64)
+    for x, y in loader:
+        rows += len(y)
+        pos += float(y.sum())
+        batches += 1
+        seen_max = np.maximum(seen_max, x.max(0).values.numpy())
+    dt = time.perf_counter() - t
+    spec = dm.spec
+    print(f"{args.data_dir} [{spec['dataset']}/{spec['protocol']}] split {args.split}: {rows:,} rows in {batches} "
+          f"batches, positive rate {pos / max(rows, 1):.4f}, {rows / dt:,.0f} rows/s")
+    print(f"  fields {len(dm.fields)}, ids in range: {bool((seen_max < np.array(dm.field_dims)).all())}, "
+          f"total vocabulary {sum(dm.field_dims):,}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DATA_COMMANDS:
+        sys.exit(run_data_command(argv))
+    from recscale.train import cli_main
+
+    cli_main(argv)

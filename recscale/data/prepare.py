@@ -1,0 +1,525 @@
+"""`recscale prepare`: raw Kaggle file -> vocabulary -> globally shuffled Parquet shards + spec.json.
+
+Passes over the input, each streaming fixed-size byte blocks (memory never grows with the file):
+
+0. scan: count lines and take the SHA-256 of the input; draw the exact 8/1/1 split of the data lines (1 byte per line).
+1. count: parse, validate and tokenise every line; count tokens per field (whole file for ``icml24``, train split only for
+   ``bars``); bad lines go to ``rejected.tsv``.
+2. encode: map tokens to ids; valid/test rows go straight to their shards in file order; train rows go to one of K
+   spill buckets (Arrow IPC) chosen at random.
+3. shuffle: each bucket is read whole, permuted and appended to the train shards. A uniformly random bucket per row plus a
+   uniform permutation inside each bucket is a uniform global shuffle, with one bucket in memory at a time.
+
+Everything is built in a hidden sibling directory that is renamed into place at the very end, so an interrupted run never
+leaves a directory that looks complete. Same input and options -> byte-identical shards, vocab and spec.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from recscale import __version__
+from recscale.data.formats import MIN_COUNT, PrepareError, RawFormat, check_dataset_protocol, field_names, token_exprs
+
+SPLITS = ("train", "valid", "test")
+SPEC_VERSION = 1
+BLOCK_BYTES = 32 << 20
+
+
+@dataclass
+class Options:
+    dataset: str
+    protocol: str = "icml24"
+    min_count: int | None = None  # None: the protocol's default
+    seed: int = 0
+    shard_rows: int = 1 << 20
+    row_group_rows: int = 1 << 16
+    bucket_rows: int = 1 << 20
+    compression: str = "zstd"
+    strict: bool = False
+    progress: bool = True
+
+    def resolved_min_count(self) -> int:
+        return MIN_COUNT[(self.dataset, self.protocol)] if self.min_count is None else self.min_count
+
+
+# ----------------------------------------------------------------------------------------------------------- reading
+def _open(path: Path):
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
+
+
+def iter_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[bytes]:
+    """Blocks of whole lines (each ends with a newline); CRLF is normalised to LF."""
+    rest = b""
+    with _open(path) as f:
+        while True:
+            buf = f.read(block_bytes)
+            if not buf:
+                break
+            buf = rest + buf
+            cut = buf.rfind(b"\n")
+            if cut < 0:
+                rest = buf
+                continue
+            rest = buf[cut + 1 :]
+            yield _crlf(buf[: cut + 1])
+    if rest:
+        yield _crlf(rest + b"\n")
+
+
+def _crlf(b: bytes) -> bytes:
+    return b.replace(b"\r\n", b"\n") if b"\r" in b else b
+
+
+def scan(path: Path) -> tuple[int, str, int]:
+    """(number of lines, sha256 of the file's bytes, size in bytes) in one streaming pass."""
+    h, size, lines, last = hashlib.sha256(), 0, 0, b"\n"
+    with open(path, "rb") as raw:
+        compressed = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        if compressed:
+            for blk in iter(lambda: raw.read(BLOCK_BYTES), b""):
+                h.update(blk)
+                size += len(blk)
+            with gzip.open(path, "rb") as f:
+                for blk in iter(lambda: f.read(BLOCK_BYTES), b""):
+                    lines += blk.count(b"\n")
+                    last = blk[-1:]
+        else:
+            for blk in iter(lambda: raw.read(BLOCK_BYTES), b""):
+                h.update(blk)
+                size += len(blk)
+                lines += blk.count(b"\n")
+                last = blk[-1:]
+    if last != b"\n":
+        lines += 1
+    return lines, h.hexdigest(), size
+
+
+def _detect_header(path: Path, fmt: RawFormat) -> bool:
+    if not fmt.header:
+        return False
+    with _open(path) as f:
+        first = f.readline().rstrip(b"\r\n").decode("utf-8", "replace")
+    return first.split(fmt.delimiter)[: len(fmt.columns)] == list(fmt.columns)
+
+
+@dataclass
+class Block:
+    raw: pl.DataFrame  # string columns of the good lines, in file order
+    lines: np.ndarray  # 1-based file line number of each good line
+    rejects: list[tuple[int, str]] = field(default_factory=list)
+    nlines: int = 0  # lines in the block, good and bad
+
+
+def _read_csv(buf: bytes, fmt: RawFormat, on_invalid=None) -> pa.Table:
+    return pacsv.read_csv(
+        pa.py_buffer(buf),
+        read_options=pacsv.ReadOptions(column_names=list(fmt.columns), block_size=4 << 20),
+        parse_options=pacsv.ParseOptions(delimiter=fmt.delimiter, quote_char=False, newlines_in_values=False,
+                                         invalid_row_handler=on_invalid),
+        convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in fmt.columns}),
+    )
+
+
+def parse_block(buf: bytes, fmt: RawFormat, first_line: int, skip_first: bool = False) -> Block:
+    """Split, validate and parse one block of whole lines; vectorised, with Python only for the (rare) bad lines.
+
+    Fast path: the CSV reader parses the block, and a block where it meets no line of the wrong width is taken as is.
+    Otherwise the field count of every line is computed with numpy, the bad lines are reported with their numbers and
+    cut out, and the rest is parsed again.
+    """
+    nlines = buf.count(b"\n")
+    lineno = np.arange(first_line, first_line + nlines, dtype=np.int64)
+    invalid: list = []
+    table = None
+    if not skip_first:
+        table = _read_csv(buf, fmt, lambda row: invalid.append(row) or "skip")
+    rejects: list[tuple[int, str]] = []
+    if table is None or invalid or table.num_rows != nlines:
+        a = np.frombuffer(buf, dtype=np.uint8)
+        ends = np.flatnonzero(a == 10)
+        starts = np.concatenate(([0], ends[:-1] + 1))
+        delims = np.flatnonzero(a == ord(fmt.delimiter))
+        nfields = np.searchsorted(delims, ends) - np.searchsorted(delims, starts) + 1
+        good = nfields == fmt.ncols
+        if skip_first:
+            good[0] = False
+        rejects = [
+            (int(lineno[i]), f"expected {fmt.ncols} fields, got {int(nfields[i])}")
+            for i in np.flatnonzero(~good)
+            if not (skip_first and i == 0)
+        ]
+        lineno = lineno[good]
+        if len(lineno) == 0:
+            return Block(pl.DataFrame(schema={c: pl.String for c in fmt.columns}), lineno, rejects, nlines)
+        table = _read_csv(a[np.repeat(good, ends - starts + 1)].tobytes(), fmt)
+    raw = pl.from_arrow(table)
+    assert isinstance(raw, pl.DataFrame) and raw.height == len(lineno), "CSV parse lost lines"
+    checks = [(~pl.col(fmt.label).is_in(["0", "1"])).alias("label")]
+    checks += [((pl.col(c) != "") & pl.col(c).str.to_integer(strict=False).is_null()).alias(c) for c in fmt.numeric]
+    bad = raw.select(checks)
+    bad_any = bad.select(pl.any_horizontal(pl.all())).to_series().to_numpy()
+    if bad_any.any():
+        for i in np.flatnonzero(bad_any):
+            row = bad.row(int(i), named=True)
+            if row["label"]:
+                reason = f"label {raw[int(i), fmt.label]!r} is not 0 or 1"
+            else:
+                col = next(c for c in fmt.numeric if row[c])
+                reason = f"field {col} value {raw[int(i), col]!r} is not an integer"
+            rejects.append((int(lineno[i]), reason))
+        raw = raw.filter(~pl.Series(bad_any))
+        lineno = lineno[~bad_any]
+    rejects.sort()
+    return Block(raw, lineno, rejects, nlines)
+
+
+def iter_parsed(path: Path, fmt: RawFormat, header: bool) -> Iterator[Block]:
+    line = 1
+    for i, buf in enumerate(iter_blocks(path)):
+        block = parse_block(buf, fmt, line, skip_first=header and i == 0)
+        yield block
+        line += block.nlines
+
+
+# ----------------------------------------------------------------------------------------------------------- vocab
+def build_vocab(counts: pl.DataFrame, min_count: int) -> pl.DataFrame:
+    """Ids by count descending, then token; id 0 is the field's OOV row (tokens seen fewer than min_count times)."""
+    kept = counts.filter(pl.col("count") >= min_count).sort(["count", "token"], descending=[True, False])
+    oov = counts.filter(pl.col("count") < min_count)["count"].sum()
+    kept = kept.with_columns(pl.int_range(1, kept.height + 1, dtype=pl.Int32).alias("id"))
+    head = pl.DataFrame({"token": [None], "count": [oov]}, schema={"token": pl.String, "count": pl.Int64})
+    head = head.with_columns(pl.lit(0, dtype=pl.Int32).alias("id"))
+    return pl.concat([head, kept.select("token", pl.col("count").cast(pl.Int64), "id")])
+
+
+def encode_tokens(tokens: pl.DataFrame, vocabs: dict[str, pl.DataFrame]) -> pl.DataFrame:
+    """Token strings -> int32 ids (unknown tokens -> 0, the OOV id)."""
+    cols = []
+    for name, voc in vocabs.items():
+        ids = voc.filter(pl.col("id") > 0)
+        cols.append(
+            tokens[name].replace_strict(ids["token"], ids["id"], default=0, return_dtype=pl.Int32).alias(name)
+        )
+    return pl.DataFrame(cols)
+
+
+def output_schema(fields: list[str]) -> pa.Schema:
+    return pa.schema([pa.field(f, pa.int32(), nullable=False) for f in fields] + [pa.field("label", pa.int8(), False)])
+
+
+# ----------------------------------------------------------------------------------------------------------- writing
+class ShardWriter:
+    """Appends tables and writes `part-NNNNN.parquet` files of exactly `shard_rows` rows (the last one shorter)."""
+
+    def __init__(self, directory: Path, schema: pa.Schema, opts: Options):
+        self.dir, self.schema, self.opts = directory, schema, opts
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.files: list[dict] = []
+        self.rows = 0
+        self.positives = 0
+
+    def write(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        while self.pending_rows >= self.opts.shard_rows:
+            self._flush(self.opts.shard_rows)
+
+    def _flush(self, n: int) -> None:
+        t = pa.concat_tables(self.pending)
+        head, rest = t.slice(0, n), t.slice(n)
+        self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+        name = f"part-{len(self.files):05d}.parquet"
+        pq.write_table(head, self.dir / name, row_group_size=self.opts.row_group_rows, compression=self.opts.compression)
+        self.files.append({"path": f"{self.dir.name}/{name}", "rows": head.num_rows})
+        self.rows += head.num_rows
+        self.positives += int(pc.sum(head.column("label")).as_py() or 0)
+
+    def close(self) -> dict:
+        if self.pending_rows:
+            self._flush(self.pending_rows)
+        return {
+            "rows": self.rows,
+            "positive_rate": round(self.positives / self.rows, 6) if self.rows else None,
+            "files": self.files,
+        }
+
+
+def _to_arrow(ids: pl.DataFrame, label: pl.Series, schema: pa.Schema) -> pa.Table:
+    df = ids.with_columns(label.cast(pl.Int8).alias("label"))
+    return df.to_arrow().cast(schema)
+
+
+# ----------------------------------------------------------------------------------------------------------- driver
+class _Progress:
+    def __init__(self, total: int, desc: str, enabled: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit=" rows", unit_scale=True, disable=not enabled, file=sys.stderr)
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _split_labels(n: int, seed: int) -> np.ndarray:
+    """Exact 8/1/1 random split of n data lines (0 train, 1 valid, 2 test), seeded."""
+    n_train, n_valid = (8 * n) // 10, n // 10
+    labels = np.repeat(np.array([0, 1, 2], np.uint8), [n_train, n_valid, n - n_train - n_valid])
+    np.random.default_rng(seed).shuffle(labels)
+    return labels
+
+
+def prepare(input_path: str | Path, output: str | Path, opts: Options, overwrite: bool = False) -> dict:
+    """Prepare one raw file; returns the summary dict (also printed by the CLI)."""
+    t0 = time.perf_counter()
+    fmt = check_dataset_protocol(opts.dataset, opts.protocol)
+    src, out = Path(input_path), Path(output)
+    if not src.is_file():
+        raise PrepareError(f"input file {src} does not exist (--input): pass the path of the raw Kaggle file")
+    if src.stat().st_size == 0:
+        raise PrepareError(f"input file {src} is empty: pass the raw Kaggle file (did a download fail?)")
+    if out.exists() and not overwrite:
+        raise PrepareError(f"output directory {out} already exists: pass --overwrite to replace it, or choose --output")
+    for name, v in [("--shard-rows", opts.shard_rows), ("--row-group-rows", opts.row_group_rows)]:
+        if v <= 0:
+            raise PrepareError(f"{name} must be positive, got {v}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        summary = _prepare_into(src, tmp, fmt, opts)
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    summary["output"] = str(out)
+    return summary
+
+
+def _prepare_into(src: Path, tmp: Path, fmt: RawFormat, opts: Options) -> dict:
+    fields = field_names(opts.dataset, opts.protocol)
+    min_count = opts.resolved_min_count()
+    if min_count < 1:
+        raise PrepareError(f"--min-count must be at least 1, got {min_count}")
+    header = _detect_header(src, fmt)
+
+    # pass 0: scan
+    n_lines, sha, size = scan(src)
+    n_data = n_lines - int(header)
+    if n_data <= 0:
+        raise PrepareError(f"input file {src} has no data lines")
+    split = _split_labels(n_data, opts.seed)
+    n_train_lines = int((split == 0).sum())
+    n_buckets = max(1, math.ceil(n_train_lines / opts.bucket_rows))
+
+    # pass 1: parse once; provisional ids from a growing per-field dictionary (polars Categories, in Rust), token counts
+    # by bincount, rows spilled as provisional ids: valid/test in file order, train to a random bucket.
+    run = uuid.uuid4().hex
+    cats = [pl.Categories(f"recscale-{run}-{f}") for f in fields]
+    pid_exprs = [e.cast(pl.Categorical(c)).to_physical().alias(f) for e, c, f in
+                 zip(token_exprs(opts.dataset, opts.protocol), cats, fields)]
+    counts = [np.zeros(0, np.int64) for _ in fields]
+    spill = tmp / "_spill"
+    spill.mkdir()
+    spill_schema = pa.schema([pa.field(f, pa.uint32(), False) for f in fields] + [pa.field("label", pa.int8(), False)])
+    names = ["valid", "test"] + [f"train-{k:04d}" for k in range(n_buckets)]
+    sinks = {n: pa.ipc.new_stream(spill / f"{n}.arrow", spill_schema) for n in names}
+    bucket_rng = np.random.default_rng([opts.seed, 1])
+    rejected = 0
+    prog = _Progress(n_data, "read  ", opts.progress)
+    with open(tmp / "rejected.tsv", "w") as rej:
+        rej.write("line\treason\n")
+        for block in iter_parsed(src, fmt, header):
+            if block.rejects:
+                if opts.strict:
+                    line, reason = block.rejects[0]
+                    raise PrepareError(f"{src}:{line}: {reason} (--strict stops at the first bad line)")
+                rejected += len(block.rejects)
+                rej.writelines(f"{ln}\t{why}\n" for ln, why in block.rejects)
+            pids = block.raw.select(pid_exprs).with_columns(block.raw[fmt.label].cast(pl.Int8).alias("label"))
+            s = split[block.lines - 1 - int(header)]
+            counted = np.flatnonzero(s == 0) if opts.protocol == "bars" else None
+            for j, f in enumerate(fields):
+                ids = pids[f].to_numpy()
+                c = np.bincount(ids if counted is None else ids[counted])
+                if len(c) > len(counts[j]):
+                    c[: len(counts[j])] += counts[j]
+                    counts[j] = c
+                else:
+                    counts[j][: len(c)] += c
+            table = pids.to_arrow().cast(spill_schema)
+            for k, name in ((1, "valid"), (2, "test")):
+                sel = np.flatnonzero(s == k)
+                if len(sel):
+                    sinks[name].write_table(table.take(sel))
+            train_idx = np.flatnonzero(s == 0)
+            b = bucket_rng.integers(0, n_buckets, size=len(train_idx))
+            for k in range(n_buckets):
+                sel = train_idx[b == k]
+                if len(sel):
+                    sinks[f"train-{k:04d}"].write_table(table.take(sel))
+            prog.update(block.raw.height + len(block.rejects))
+    prog.close()
+    for w in sinks.values():
+        w.close()
+    if rejected == n_data:
+        raise PrepareError(f"input file {src}: every line was rejected (first reasons in the log above)")
+
+    # vocabulary: ids by count descending then token, OOV = 0; lut maps provisional id -> final id
+    vocab_dir = tmp / "vocab"
+    vocab_dir.mkdir()
+    luts, cards = [], {}
+    for j, f in enumerate(fields):
+        tokens = cats[j].to_series()
+        cnt = np.zeros(len(tokens), np.int64)
+        cnt[: len(counts[j])] = counts[j][: len(tokens)]
+        df = pl.DataFrame({"token": tokens.cast(pl.String), "count": cnt, "pid": np.arange(len(tokens), dtype=np.uint32)})
+        voc = build_vocab(df.select("token", "count"), min_count)
+        kept = df.filter(pl.col("count") >= min_count).sort(["count", "token"], descending=[True, False])
+        lut = np.zeros(max(len(tokens), 1), np.int32)
+        lut[kept["pid"].to_numpy()] = np.arange(1, kept.height + 1, dtype=np.int32)
+        luts.append(lut)
+        cards[f] = voc.height
+        voc.write_parquet(vocab_dir / f"{f}.parquet", compression="zstd", statistics=False)
+    del counts
+
+    # pass 2: remap spilled rows to final ids; train buckets are permuted and appended to the train shards
+    schema = output_schema(fields)
+    writers = {s_: ShardWriter(tmp / s_, schema, opts) for s_ in SPLITS}
+    prog = _Progress(n_data - rejected, "write ", opts.progress)
+    for name in names:
+        path = spill / f"{name}.arrow"
+        with pa.ipc.open_stream(path) as r:
+            if name.startswith("train"):  # one bucket in memory, permuted while remapped column by column
+                t = r.read_all()
+                perm = np.random.default_rng([opts.seed, 2, int(name[6:])]).permutation(t.num_rows)
+                cols = [pa.array(luts[j][np.take(t.column(j).to_numpy(), perm)]) for j in range(len(fields))]
+                cols.append(pa.array(np.take(t.column(len(fields)).to_numpy(), perm)))
+                del t
+                writers["train"].write(pa.Table.from_arrays(cols, schema=schema))
+                prog.update(len(perm))
+            else:  # valid/test: streamed batch by batch, file order kept
+                for batch in r:
+                    cols = [pa.array(luts[j][batch.column(j).to_numpy()]) for j in range(len(fields))]
+                    writers[name].write(pa.Table.from_arrays(cols + [batch.column(len(fields))], schema=schema))
+                    prog.update(batch.num_rows)
+        path.unlink()
+    prog.close()
+    spill.rmdir()
+    splits = {s_: writers[s_].close() for s_ in SPLITS}
+
+    spec = {
+        "spec_version": SPEC_VERSION,
+        "dataset": opts.dataset,
+        "protocol": opts.protocol,
+        "options": {
+            "min_count": min_count,
+            "seed": opts.seed,
+            "split": [0.8, 0.1, 0.1],
+            "shard_rows": opts.shard_rows,
+            "row_group_rows": opts.row_group_rows,
+            "compression": opts.compression,
+            "oov_id": 0,
+        },
+        "fields": [{"name": f, "cardinality": cards[f]} for f in fields],
+        "label": "label",
+        "splits": splits,
+        "rejected_rows": rejected,
+        "input": {"name": src.name, "bytes": size, "sha256": sha, "lines": n_lines, "header": header},
+        "recscale_version": __version__,
+    }
+    (tmp / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
+    return {
+        "dataset": opts.dataset,
+        "protocol": opts.protocol,
+        "rows": {s_: splits[s_]["rows"] for s_ in SPLITS},
+        "rejected": rejected,
+        "vocabulary": cards,
+        "total_vocabulary": int(sum(cards.values())),
+    }
+
+
+def load_vocabs(data_dir: Path, fields: list[str]) -> dict[str, pl.DataFrame]:
+    return {f: pl.read_parquet(data_dir / "vocab" / f"{f}.parquet") for f in fields}
+
+
+def encode_file(input_path: str | Path, data_dir: str | Path, output: str | Path, overwrite: bool = False,
+                progress: bool = True) -> dict:
+    """Encode another raw file (e.g. another day) with the ids of an existing prepared directory.
+
+    Rows keep their file order and are written to ``OUTPUT/data/part-NNNNN.parquet`` with the same schema; bad lines are
+    reported in ``OUTPUT/rejected.tsv`` as in prepare.
+    """
+    from recscale.data.spec import load_spec
+
+    spec = load_spec(data_dir)
+    opts = Options(dataset=spec["dataset"], protocol=spec["protocol"], progress=progress,
+                   shard_rows=spec["options"]["shard_rows"], row_group_rows=spec["options"]["row_group_rows"],
+                   compression=spec["options"]["compression"])
+    fmt = check_dataset_protocol(opts.dataset, opts.protocol)
+    src, out = Path(input_path), Path(output)
+    if not src.is_file() or src.stat().st_size == 0:
+        raise PrepareError(f"input file {src} does not exist or is empty (--input)")
+    if out.exists() and not overwrite:
+        raise PrepareError(f"output directory {out} already exists: pass --overwrite to replace it")
+    fields = [f["name"] for f in spec["fields"]]
+    vocabs = load_vocabs(Path(data_dir), fields)
+    exprs = token_exprs(opts.dataset, opts.protocol)
+    schema = output_schema(fields)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        w = ShardWriter(tmp / "data", schema, opts)
+        rejected = 0
+        with open(tmp / "rejected.tsv", "w") as rej:
+            rej.write("line\treason\n")
+            for block in iter_parsed(src, fmt, _detect_header(src, fmt)):
+                rejected += len(block.rejects)
+                rej.writelines(f"{ln}\t{why}\n" for ln, why in block.rejects)
+                ids = encode_tokens(block.raw.select(exprs), vocabs)
+                w.write(_to_arrow(ids, block.raw[fmt.label], schema))
+        info = w.close()
+        meta = {"encoded_with": str(data_dir), "spec_sha256": hashlib.sha256(
+            (Path(data_dir) / "spec.json").read_bytes()).hexdigest(), "rows": info["rows"], "rejected_rows": rejected,
+            "files": info["files"]}
+        (tmp / "encoded.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"rows": info["rows"], "rejected": rejected, "output": str(out)}
