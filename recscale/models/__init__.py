@@ -1,0 +1,22 @@
+"""Models: embedding sets + backbones (recscale.models.backbones) in one LightningModule (recscale.models.module)."""
+
+from recscale.models.backbones import (
+    CrossNet,
+    CrossNetParallel,
+    DCNv2,
+    DeepFM,
+    DNN,
+    FFM,
+    FM,
+    IPNN,
+    NFM,
+    AutoInt,
+    FinalMLP,
+    LinearDeepFM,
+    NFwFM,
+    XDeepFM,
+)
+from recscale.models.module import CTRModel
+
+__all__ = ["CTRModel", "DNN", "IPNN", "NFwFM", "XDeepFM", "DCNv2", "FinalMLP", "AutoInt", "FM", "DeepFM", "NFM",
+           "LinearDeepFM", "CrossNet", "CrossNetParallel", "FFM"]

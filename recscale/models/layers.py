@@ -1,0 +1,203 @@
+"""Building blocks batched over embedding sets.
+
+Every tensor that flows through an interaction carries a leading set axis ``M`` (``M = 1`` is single-embedding):
+field embeddings are ``e: (M, B, F, D)``. Per-set weights are stacked on the same leading axis, so one ``matmul`` serves
+all sets; a weight created with ``sets=1`` is shared by all sets through broadcasting (the ICML 2024 Fig. 10c ablation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class SetLinear(nn.Module):
+    """Independent ``Linear(in_dim, out_dim)`` per set: ``y[m] = x[m] @ W[m] + b[m]``.
+
+    Each set's weights are initialised exactly like ``nn.Linear`` (Kaiming-uniform, fan-in bound).
+    """
+
+    def __init__(self, sets: int, in_dim: int, out_dim: int, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(sets, in_dim, out_dim))
+        self.bias = nn.Parameter(torch.empty(sets, 1, out_dim)) if bias else None
+        bound = 1 / math.sqrt(in_dim) if in_dim > 0 else 0
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:  # (M, B, in) -> (M, B, out)
+        y = torch.matmul(x, self.weight)
+        return y + self.bias if self.bias is not None else y
+
+
+class SetBatchNorm(nn.Module):
+    """BatchNorm1d with separate statistics and affine parameters per set (one BN over ``M * C`` channels)."""
+
+    def __init__(self, sets: int, channels: int):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(sets * channels)
+
+    def forward(self, x: Tensor) -> Tensor:  # (M, B, C)
+        M, B, C = x.shape
+        y = self.bn(x.transpose(0, 1).reshape(B, M * C))
+        return y.reshape(B, M, C).transpose(0, 1)
+
+
+class SetMLPBlock(nn.Module):
+    """Linear -> BatchNorm1d -> ReLU -> Dropout, per set (the reference recipe's hidden layer)."""
+
+    def __init__(self, sets: int, in_dim: int, out_dim: int, dropout: float = 0.2):
+        super().__init__()
+        self.linear = SetLinear(sets, in_dim, out_dim)
+        self.bn = SetBatchNorm(sets, out_dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:  # (M, B, in) -> (M, B, out)
+        return self.drop(torch.relu(self.bn(self.linear(x))))
+
+
+def mlp_block(in_dim: int, out_dim: int, dropout: float = 0.2) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.BatchNorm1d(out_dim), nn.ReLU(), nn.Dropout(dropout))
+
+
+class Tower(nn.Module):
+    """The multi-embedding head of ICML 2024 Sec. 5.1 / App. C.2 (reference code topology).
+
+    ``h = mean_m  Drop(ReLU(BN(Linear_m(z_m))))`` is the per-set non-linear projection averaged over sets, followed by
+    shared layers ``hidden[1:]`` and ``Linear(hidden[-1], 1)``. With ``M = 1`` it is the plain MLP
+    ``in -> hidden -> 1`` of a single-embedding model.
+    """
+
+    def __init__(self, sets: int, in_dim: int, hidden: list[int], dropout: float = 0.2, output: bool = True):
+        super().__init__()
+        self.project = SetMLPBlock(sets, in_dim, hidden[0], dropout)
+        self.shared = nn.Sequential(*[mlp_block(a, b, dropout) for a, b in zip(hidden, hidden[1:])])
+        self.out = nn.Linear(hidden[-1], 1) if output else None
+        self.out_dim = 1 if output else hidden[-1]
+
+    def forward(self, z: Tensor) -> Tensor:  # (M, B, in) -> (B,) logits, or (B, hidden[-1]) without output layer
+        h = self.shared(self.project(z).mean(0))
+        return self.out(h).squeeze(-1) if self.out is not None else h
+
+
+# --------------------------------------------------------------------------------------------- interactions
+def flatten(e: Tensor) -> Tensor:  # (M, B, F, D) -> (M, B, F*D)
+    return e.flatten(2)
+
+
+def pair_indices(num_fields: int, device=None) -> tuple[Tensor, Tensor]:
+    """Row and column indices of the F(F-1)/2 field pairs i < j, in row-major order."""
+    return torch.triu_indices(num_fields, num_fields, offset=1, device=device).unbind(0)
+
+
+def inner_products(e: Tensor) -> Tensor:
+    """IPNN product layer: ``p_ij = <e_i, e_j>`` for all i < j.  (M, B, F, D) -> (M, B, F(F-1)/2)."""
+    i, j = pair_indices(e.shape[2], e.device)
+    return torch.matmul(e, e.transpose(-1, -2))[..., i, j]
+
+
+def fm_pairwise(e: Tensor) -> Tensor:
+    """FM second-order term ``sum_{i<j} <e_i, e_j> = 1/2 (||sum_i e_i||^2 - sum_i ||e_i||^2)``.  (M, B, F, D) -> (M, B)."""
+    s = e.sum(2)
+    return 0.5 * (s.pow(2).sum(-1) - e.pow(2).sum((2, 3)))
+
+
+def bi_interaction(e: Tensor) -> Tensor:
+    """NFM bi-interaction pooling ``sum_{i<j} e_i * e_j`` (element-wise).  (M, B, F, D) -> (M, B, D)."""
+    s = e.sum(2)
+    return 0.5 * (s.pow(2) - e.pow(2).sum(2))
+
+
+class FieldWeightedPairs(nn.Module):
+    """FwFM pooling used by NFwFM: ``h = sum_{i<j} r_ij (e_i * e_j)`` with a learnable weight per field pair.
+
+    Computed as ``1/2 sum_i e_i * (R e)_i`` with ``R`` symmetric and zero on the diagonal.  (M, B, F, D) -> (M, B, D).
+    """
+
+    def __init__(self, sets: int, num_fields: int):
+        super().__init__()
+        self.num_fields = num_fields
+        self.r = nn.Parameter(torch.ones(sets, num_fields * (num_fields - 1) // 2))
+
+    def matrix(self) -> Tensor:  # (S, F, F)
+        F = self.num_fields
+        i, j = pair_indices(F, self.r.device)
+        R = self.r.new_zeros(self.r.shape[0], F, F)
+        R[:, i, j] = self.r
+        return R + R.transpose(1, 2)
+
+    def forward(self, e: Tensor) -> Tensor:
+        Re = torch.matmul(self.matrix().unsqueeze(1), e)  # (M, B, F, D)
+        return 0.5 * (e * Re).sum(2)
+
+
+class CrossNetwork(nn.Module):
+    """DCNv2 cross layers (full rank): ``x_{l+1} = x_0 * (x_l W_l + b_l) + x_l`` on ``x_0 = concat(e_1..e_F)``.
+
+    Row-vector convention: block ``W_l[j, i]`` (D x D) carries field j into the slot of field i, i.e. the paper's
+    ``W_{j->i}`` is ``W_l[j, i]^T`` and the sub-embedding ``E_i^{->j} = E_i W_{i->j}^T`` is ``E_i @ W_1[i, j]``
+    (ICML 2024 Evidence II; App. E).  (M, B, F*D) -> (M, B, F*D).
+    """
+
+    def __init__(self, sets: int, dim: int, layers: int = 4):
+        super().__init__()
+        self.layers = nn.ModuleList(SetLinear(sets, dim, dim) for _ in range(layers))
+
+    def forward(self, x0: Tensor) -> Tensor:
+        x = x0
+        for lin in self.layers:
+            x = x0 * lin(x) + x
+        return x
+
+
+class CIN(nn.Module):
+    """xDeepFM Compressed Interaction Network with 1x1 convolutions and ReLU.
+
+    ``X^k_{h,*} = ReLU( sum_{h', f} W^k_{h, h', f} (X^{k-1}_{h',*} * X^0_{f,*}) + b^k_h )``; each layer's output is
+    sum-pooled over the embedding dimension and the layers are concatenated.  (M, B, F, D) -> (M, B, sum(layers)).
+    """
+
+    def __init__(self, sets: int, num_fields: int, layers: list[int] | tuple[int, ...] = (16, 16)):
+        super().__init__()
+        dims = [num_fields, *layers]
+        self.convs = nn.ModuleList(SetLinear(sets, dims[k] * num_fields, dims[k + 1]) for k in range(len(layers)))
+
+    def forward(self, e: Tensor) -> Tensor:
+        M, B, F, D = e.shape
+        x, pooled = e, []
+        for conv in self.convs:
+            z = (x.unsqueeze(3) * e.unsqueeze(2)).reshape(M, B, -1, D)  # (M, B, H*F, D) outer products
+            x = torch.relu(conv(z.transpose(2, 3)).transpose(2, 3))  # 1x1 conv over the H*F channels -> (M, B, H', D)
+            pooled.append(x.sum(-1))
+        return torch.cat(pooled, -1)
+
+
+class SelfAttentionLayers(nn.Module):
+    """AutoInt interacting layers: multi-head self-attention over fields with a residual projection and ReLU.
+
+    ``a_h = softmax(Q_h K_h^T / 1) V_h`` per head (AutoInt uses unscaled dot products), ``e' = ReLU(concat_h a_h + e W_res)``.
+    (M, B, F, D) -> (M, B, F, heads * att_dim).
+    """
+
+    def __init__(self, sets: int, dim: int, layers: int = 3, heads: int = 2, att_dim: int = 32, scaled: bool = False):
+        super().__init__()
+        self.heads, self.att_dim, self.scaled = heads, att_dim, scaled
+        d_in = [dim] + [heads * att_dim] * (layers - 1)
+        self.qkv = nn.ModuleList(SetLinear(sets, d, 3 * heads * att_dim, bias=False) for d in d_in)
+        self.res = nn.ModuleList(SetLinear(sets, d, heads * att_dim, bias=False) for d in d_in)
+
+    def forward(self, e: Tensor) -> Tensor:
+        M, B, F, _ = e.shape
+        x = e
+        for qkv, res in zip(self.qkv, self.res):
+            q, k, v = qkv(x.reshape(M, B * F, -1)).reshape(M, B, F, 3, self.heads, self.att_dim).unbind(3)
+            q, k, v = (t.transpose(2, 3) for t in (q, k, v))  # (M, B, H, F, d)
+            s = torch.matmul(q, k.transpose(-1, -2))
+            if self.scaled:
+                s = s / math.sqrt(self.att_dim)
+            a = torch.matmul(torch.softmax(s, -1), v).transpose(2, 3).reshape(M, B, F, -1)
+            x = torch.relu(a + res(x.reshape(M, B * F, -1)).reshape(M, B, F, -1))
+        return x

@@ -1,0 +1,140 @@
+"""CTRModel: M embedding sets of size D plus a backbone; owns loss, metrics and optimizer.
+
+Scale (ICML 2024 App. C.2): at scale k, SE uses one set of size ``k * base_dim``; ME uses ``k`` sets of size
+``base_dim`` (base 10; 50 for NFwFM). ``k = 1`` is the same model in both modes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import BinaryAUROC
+
+from recscale.models.backbones import ConfigError
+
+
+class SetEmbedding(nn.Module):
+    """All fields' tables in one ``(sum_i |V_i|, M * D)`` matrix: one lookup gives every set of every field.
+
+    Set m of field i is ``weight[offset_i : offset_i + |V_i|, m*D : (m+1)*D]``. Initialised N(0, std^2).
+    """
+
+    def __init__(self, field_dims: list[int], dim: int, num_sets: int, init_std: float = 1e-4):
+        super().__init__()
+        self.field_dims, self.dim, self.num_sets = list(field_dims), dim, num_sets
+        self.weight = nn.Parameter(torch.empty(sum(field_dims), num_sets * dim))
+        nn.init.normal_(self.weight, 0.0, init_std)
+        offsets = torch.tensor([0, *field_dims[:-1]]).cumsum(0)
+        self.register_buffer("offsets", offsets, persistent=False)
+
+    def forward(self, ids: Tensor) -> Tensor:  # (B, F) int -> (M, B, F, D)
+        B, Fn = ids.shape
+        flat = F.embedding(ids + self.offsets, self.weight)  # (B, F, M*D)
+        return flat.view(B, Fn, self.num_sets, self.dim).permute(2, 0, 1, 3)
+
+    def table(self, field: int, set_index: int | None = None) -> Tensor:
+        """A field's table: ``(|V_i|, D)`` for one set, or ``(|V_i|, M*D)`` (sets concatenated) when set is None."""
+        lo = int(self.offsets[field])
+        rows = self.weight[lo : lo + self.field_dims[field]]
+        if set_index is None:
+            return rows
+        return rows[:, set_index * self.dim : (set_index + 1) * self.dim]
+
+
+class CTRModel(L.LightningModule):
+    """A CTR model: ``logit = backbone(embeddings(ids))``, trained with BCE-with-logits and Adam.
+
+    Args:
+        backbone: a backbone class from recscale.models.backbones (``class_path`` + hyperparameters in YAML), called
+            as ``backbone(num_fields, embed_dim, num_sets)``.
+        field_dims: vocabulary size of each field including OOV; linked from the data spec, never typed.
+        base_dim: embedding size at scale 1 (10; 50 for NFwFM).
+        mode: ``SE`` (one set of size ``scale * base_dim``) or ``ME`` (``scale`` sets of size ``base_dim``).
+        scale: model-size factor (1, 2, 3, 4, 10 in the papers).
+        lr, weight_decay: Adam, weight decay (L2 added to the gradient) on all parameters (ICML 2024 App. C.2).
+        embedding_init_std: std of the normal initialisation of the embedding tables.
+        fused_adam: use torch's fused Adam kernel (the same update in one pass over each tensor; for 1M-row tables the
+            optimizer step dominates a training step on the CPU). ``False`` gives torch's default implementation.
+    """
+
+    def __init__(self, backbone: Callable[[int, int, int], nn.Module], field_dims: list[int] | None = None,
+                 base_dim: int = 10, mode: Literal["SE", "ME"] = "SE", scale: int = 1, lr: float = 1e-3,
+                 weight_decay: float = 1e-6, embedding_init_std: float = 1e-4, fused_adam: bool = True):
+        super().__init__()
+        if not field_dims:
+            raise ConfigError("model.field_dims is empty: it is linked from the data spec (data.data_dir); "
+                              "build CTRModel with the field_dims of a CTRDataModule")
+        if scale < 1:
+            raise ConfigError(f"model.scale must be a positive integer, got {scale}")
+        if base_dim < 1:
+            raise ConfigError(f"model.base_dim must be a positive integer, got {base_dim}")
+        self.save_hyperparameters(ignore=["backbone"], logger=False)
+        self.num_sets = scale if mode == "ME" else 1
+        self.embed_dim = base_dim if mode == "ME" else base_dim * scale
+        self.embedding = SetEmbedding(field_dims, self.embed_dim, self.num_sets, embedding_init_std)
+        self.backbone = backbone(len(field_dims), self.embed_dim, self.num_sets)
+        self.metrics = nn.ModuleDict({
+            f"{stage}_{name}": metric
+            for stage in ("val", "test")
+            for name, metric in (("auc", BinaryAUROC()), ("logloss", MeanMetric()))
+        })
+
+    # ------------------------------------------------------------------ sizes
+    def parameter_counts(self) -> dict[str, int]:
+        emb = self.embedding.weight.numel()
+        total = sum(p.numel() for p in self.parameters())
+        return {"embedding": emb, "dense": total - emb}
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.backbone(self.embedding(ids))
+
+    def loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        loss = F.binary_cross_entropy_with_logits(logits, y)
+        reg = getattr(self.backbone, "regularization", None)
+        return loss + reg() if reg is not None else loss
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = self.loss(self(x), y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss {loss.item()} at global step {self.global_step}")
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def _eval_step(self, batch, stage: str) -> None:
+        x, y = batch
+        logits = self(x)
+        self.metrics[f"{stage}_auc"].update(logits, y.long())
+        self.metrics[f"{stage}_logloss"].update(F.binary_cross_entropy_with_logits(logits, y, reduction="none"))
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch, batch_idx):
+        return torch.sigmoid(self(batch[0]))
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        for name in ("auc", "logloss"):
+            m = self.metrics[f"{stage}_{name}"]
+            self.log(f"{stage}/{name}", m.compute(), prog_bar=name == "auc", sync_dist=False)
+            m.reset()
+
+    def on_validation_epoch_end(self):
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self):
+        self._eval_epoch_end("test")
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+                                fused=self.hparams.fused_adam or None)
