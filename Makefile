@@ -20,7 +20,9 @@ $(VENV)/.recscale-installed: pyproject.toml
 
 demo: install
 	$(VENV)/bin/recscale prepare criteo --input data/criteo/sample.train --output $(DEMO_DATA) --overwrite
-	$(VENV)/bin/recscale inspect $(DEMO_DATA) --split train
+	$(VENV)/bin/recscale fit --config configs/dcnv2_me10x.yaml --config configs/data/criteo_sample.yaml \
+		--trainer.max_epochs 3 --trainer.logger.init_args.run_name demo-dcnv2-me10x
+	@echo "Runs are in the local MLflow store: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db"
 
 test: install
 	$(PY) -m pytest -q
@@ -32,6 +34,7 @@ test-all: install
 bench: install
 	$(PY) bench/prepare_bench.py
 	$(PY) bench/loader_bench.py
+	$(PY) bench/train_bench.py
 
 clean-demo:
 	rm -rf $(DEMO_DATA)

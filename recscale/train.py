@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -147,6 +148,9 @@ class RecscaleCLI(LightningCLI):
 
 
 def cli_main(argv: list[str] | None = None) -> RecscaleCLI | None:
+    # our IterableDataset splits work per worker itself (recscale.data.datamodule), so its __len__ is exact
+    warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     trainer_defaults = {
         "logger": lazy_instance(RecscaleLogger),
         "callbacks": [lazy_instance(SamplesPerSecond)],

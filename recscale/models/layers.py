@@ -28,9 +28,12 @@ class SetLinear(nn.Module):
         if self.bias is not None:
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: Tensor) -> Tensor:  # (M, B, in) -> (M, B, out)
-        y = torch.matmul(x, self.weight)
-        return y + self.bias if self.bias is not None else y
+    def forward(self, x: Tensor) -> Tensor:  # (M, ..., in) -> (M, ..., out)
+        shape = x.shape
+        y = torch.matmul(x.reshape(shape[0], -1, shape[-1]), self.weight)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], y.shape[-1])
 
 
 class SetBatchNorm(nn.Module):

@@ -1,0 +1,342 @@
+"""Backbones: shapes, gradients, pinned numerics against naive loops, SE/ME equivalences, batched == per-set loop."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from recscale.models import backbones as bb
+from recscale.models.layers import (
+    CIN,
+    CrossNetwork,
+    FieldWeightedPairs,
+    SelfAttentionLayers,
+    SetBatchNorm,
+    SetLinear,
+    Tower,
+    bi_interaction,
+    fm_pairwise,
+    inner_products,
+)
+from recscale.models.module import CTRModel
+
+ALL = [bb.DNN, bb.IPNN, bb.NFwFM, bb.XDeepFM, bb.DCNv2, bb.FinalMLP, bb.AutoInt, bb.FM, bb.DeepFM, bb.NFM,
+       bb.LinearDeepFM, bb.CrossNet, bb.CrossNetParallel]
+SHAREABLE = [bb.NFwFM, bb.XDeepFM, bb.DCNv2, bb.AutoInt, bb.CrossNet, bb.CrossNetParallel]
+DIMS = [5, 7, 3, 11]
+
+
+def small(cls, sets, dim=4, **kw):
+    extra = {}
+    if "hidden" in cls.__init__.__code__.co_varnames:
+        extra["hidden"] = 8 if cls is bb.LinearDeepFM else [8, 6]
+    return cls(len(DIMS), dim, sets, **extra, **kw)
+
+
+@pytest.mark.parametrize("cls", ALL + [bb.FFM])
+@pytest.mark.parametrize("sets", [1, 3])
+def test_shapes_finite_and_every_parameter_gets_a_gradient(cls, sets):
+    torch.manual_seed(0)
+    dim = 6 if cls is bb.FFM else 4  # FFM: dim divisible by F - 1 = 3
+    model = CTRModel(lambda f, d, m: small(cls, m, d), field_dims=DIMS, base_dim=dim if sets == 1 else dim,
+                     mode="ME" if sets > 1 else "SE", scale=sets, embedding_init_std=0.1)
+    assert model.num_sets == sets and model.embed_dim == dim
+    ids = torch.stack([torch.randint(0, n, (16,)) for n in DIMS], 1).int()
+    y = torch.randint(0, 2, (16,)).float()
+    logits = model(ids)
+    assert logits.shape == (16,)
+    loss = model.loss(logits, y)
+    assert torch.isfinite(loss)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing
+    dead = [n for n, p in model.named_parameters() if p.grad.abs().sum() == 0 and "wxy" not in n]
+    assert not dead, dead  # FinalMLP's W_xy starts at zero but still gets a gradient (checked above)
+
+
+# ---------------------------------------------------------------- pinned numerics: naive loops on tiny inputs
+def test_inner_products_hand_checked():
+    e = torch.tensor([[[[1.0, 2.0], [3.0, 4.0], [0.0, -1.0]]]])  # (1, 1, 3, 2)
+    # <e1,e2> = 3 + 8 = 11, <e1,e3> = -2, <e2,e3> = -4
+    assert inner_products(e).tolist() == [[[11.0, -2.0, -4.0]]]
+    assert fm_pairwise(e).tolist() == [[5.0]]
+    assert bi_interaction(e).tolist() == [[[3.0, 2.0]]]  # e1*e2 + e1*e3 + e2*e3 = [3,8] + [0,-2] + [0,-4]
+
+
+def test_fwfm_against_loop():
+    torch.manual_seed(1)
+    pool = FieldWeightedPairs(2, 4)
+    nn.init.normal_(pool.r)
+    e = torch.randn(2, 3, 4, 5)
+    got = pool(e)
+    r = pool.r.detach()
+    for m, b in itertools.product(range(2), range(3)):
+        want, k = torch.zeros(5), 0
+        for i in range(4):
+            for j in range(i + 1, 4):
+                want += r[m, k] * e[m, b, i] * e[m, b, j]
+                k += 1
+        torch.testing.assert_close(got[m, b], want)
+
+
+def test_cross_network_against_loop():
+    torch.manual_seed(2)
+    net = CrossNetwork(2, 6, layers=3)
+    x0 = torch.randn(2, 4, 6)
+    got = net(x0)
+    for m, b in itertools.product(range(2), range(4)):
+        x = x0[m, b]
+        for lin in net.layers:
+            W, c = lin.weight[m], lin.bias[m, 0]
+            x = torch.stack([x0[m, b, i] * (sum(x[j] * W[j, i] for j in range(6)) + c[i]) + x[i] for i in range(6)])
+        torch.testing.assert_close(got[m, b], x)
+
+
+def test_cin_against_loop():
+    torch.manual_seed(3)
+    F_, D = 3, 4
+    cin = CIN(2, F_, [2, 3])
+    e = torch.randn(2, 2, F_, D)
+    got = cin(e)
+    for m, b in itertools.product(range(2), range(2)):
+        x0, x, pooled = e[m, b], e[m, b], []
+        for conv in cin.convs:
+            W, c = conv.weight[m], conv.bias[m, 0]  # W: (H*F, H')
+            H = x.shape[0]
+            out = torch.zeros(W.shape[1], D)
+            for h2 in range(W.shape[1]):
+                for h in range(H):
+                    for f in range(F_):
+                        out[h2] += W[h * F_ + f, h2] * x[h] * x0[f]
+                out[h2] = torch.relu(out[h2] + c[h2])
+            x = out
+            pooled.append(out.sum(-1))
+        torch.testing.assert_close(got[m, b], torch.cat(pooled), atol=1e-5, rtol=1e-5)
+
+
+def test_self_attention_against_loop():
+    torch.manual_seed(4)
+    att = SelfAttentionLayers(2, dim=3, layers=2, heads=2, att_dim=2)
+    e = torch.randn(2, 2, 4, 3)
+    got = att(e)
+    for m, b in itertools.product(range(2), range(2)):
+        x = e[m, b]  # (F, d)
+        for qkv, res in zip(att.qkv, att.res):
+            proj = x @ qkv.weight[m]  # (F, 3*H*A)
+            q, k, v = proj.reshape(4, 3, 2, 2).unbind(1)  # (F, H, A)
+            heads = []
+            for h in range(2):
+                scores = torch.tensor([[float(q[i, h] @ k[j, h]) for j in range(4)] for i in range(4)])
+                w = torch.exp(scores) / torch.exp(scores).sum(1, keepdim=True)
+                heads.append(w @ v[:, h])
+            x = torch.relu(torch.cat(heads, -1) + x @ res.weight[m])
+        torch.testing.assert_close(got[m, b], x, atol=1e-5, rtol=1e-5)
+
+
+def test_finalmlp_fusion_against_formula():
+    torch.manual_seed(5)
+    model = bb.FinalMLP(3, 2, 1, hidden=[4, 3]).eval()
+    nn.init.normal_(model.wxy)
+    e = torch.randn(1, 5, 3, 2)
+    x, y = (s(e.flatten(2)).mean(0) for s in model.streams)
+    got = model(e)
+    for b in range(5):
+        want = model.wx.weight[0] @ x[b] + model.wx.bias[0] + model.wy.weight[0] @ y[b] + x[b] @ model.wxy @ y[b]
+        torch.testing.assert_close(got[b], want)
+    assert torch.count_nonzero(bb.FinalMLP(3, 2, 1).wxy) == 0  # W_xy starts at zero
+
+
+def test_ffm_against_loop():
+    torch.manual_seed(6)
+    F_, k = 4, 2
+    model = bb.FFM(F_, (F_ - 1) * k, 1)
+    e = torch.randn(1, 3, F_, (F_ - 1) * k)
+    got = model(e)
+    for b in range(3):
+        sub = {(i, j): e[0, b, i, (j - (j > i)) * k:(j - (j > i) + 1) * k] for i in range(F_) for j in range(F_) if i != j}
+        want = sum(float(sub[i, j] @ sub[j, i]) for i in range(F_) for j in range(i + 1, F_))
+        assert got[b].item() == pytest.approx(want, rel=1e-5)
+
+
+def test_ffm_rejects_sizes_that_do_not_fit():
+    with pytest.raises(bb.ConfigError, match="divisible by num_fields - 1 = 38"):
+        bb.FFM(39, 10, 1)
+
+
+def test_dcnv2_blocks_and_regularizer():
+    torch.manual_seed(7)
+    F_, D = 3, 2
+    model = bb.DCNv2(F_, D, 1, cross_layers=1, hidden=[4], orth_reg=1.0)
+    W = model.cross.layers[0].weight[0]
+    B = model.blocks()[0]
+    for i, j in itertools.product(range(F_), range(F_)):
+        torch.testing.assert_close(B[i, j], W[i * D:(i + 1) * D, j * D:(j + 1) * D])
+    lam = model.lam.detach()[0]
+    want = sum(((B[i, j] @ B[i, j].T) - lam[i, j] * torch.eye(D)).pow(2).sum() for i in range(F_) for j in range(F_))
+    torch.testing.assert_close(model.regularization(), want)
+    # an orthogonal block with lambda = 1 contributes nothing
+    with torch.no_grad():
+        model.cross.layers[0].weight.copy_(torch.eye(F_ * D))
+        model.lam.fill_(1.0)
+    offdiag = (F_ * F_ - F_) * D  # zero off-diagonal blocks with lambda 1: ||0 - I||^2 = D each
+    assert model.regularization().item() == pytest.approx(offdiag)
+
+
+# ---------------------------------------------------------------- SE / ME relations
+def test_me_with_one_set_is_se():
+    torch.manual_seed(0)
+    a = CTRModel(lambda f, d, m: bb.DCNv2(f, d, m, hidden=[8, 8]), field_dims=DIMS, base_dim=4, mode="ME", scale=1)
+    torch.manual_seed(0)
+    b = CTRModel(lambda f, d, m: bb.DCNv2(f, d, m, hidden=[8, 8]), field_dims=DIMS, base_dim=4, mode="SE", scale=1)
+    a.eval(), b.eval()
+    ids = torch.stack([torch.randint(0, n, (8,)) for n in DIMS], 1)
+    torch.testing.assert_close(a(ids), b(ids), rtol=0, atol=0)
+    assert a.parameter_counts() == b.parameter_counts()
+
+
+def test_linear_interaction_me_reduces_to_se():
+    """ICML 2024 App. E: with linear interactions (FM; a linear projection of the concatenation), an ME model with M
+    sets of size D equals an SE model of size M*D with rearranged weights, up to the 1/M of the mean."""
+    torch.manual_seed(8)
+    M, F_, D, H = 3, 4, 2, 5
+    me = bb.LinearDeepFM(F_, D, M, hidden=H)
+    se = bb.LinearDeepFM(F_, M * D, 1, hidden=H)
+    e = torch.randn(M, 6, F_, D)
+    e_se = e.permute(1, 2, 0, 3).reshape(1, 6, F_, M * D)  # concatenate the sets of each field
+    with torch.no_grad():
+        # SE row (field i, set m, d) <- ME set m row (field i, d), divided by M (the mean over sets)
+        W = me.w_in.weight.reshape(M, F_, D, H).permute(1, 0, 2, 3).reshape(F_ * M * D, H) / M
+        se.w_in.weight.copy_(W[None])
+        se.w_in.bias.copy_(me.w_in.bias.mean(0, keepdim=True))
+        se.w_out.load_state_dict(me.w_out.state_dict())
+        se.bias.copy_(me.bias)
+    fm_me = fm_pairwise(e).mean(0)
+    fm_se = fm_pairwise(e_se)[0]
+    torch.testing.assert_close(fm_se, M * fm_me)  # the same interaction up to the scalar M
+    lin_me = me(e) - fm_me - me.bias
+    lin_se = se(e_se) - fm_se - se.bias
+    torch.testing.assert_close(lin_me, lin_se, atol=1e-5, rtol=1e-5)
+
+
+def test_nonlinear_projection_breaks_the_equivalence():
+    """With the ReLU projection of the ME tower the same rearrangement no longer reproduces ME (App. E, Sec. 5.1)."""
+    torch.manual_seed(9)
+    M, F_, D = 3, 4, 2
+    me = bb.DNN(F_, D, M, hidden=[5], dropout=0.0).eval()
+    se = bb.DNN(F_, M * D, 1, hidden=[5], dropout=0.0).eval()
+    with torch.no_grad():
+        W = me.tower.project.linear.weight.reshape(M, F_, D, 5).permute(1, 0, 2, 3).reshape(1, F_ * M * D, 5) / M
+        se.tower.project.linear.weight.copy_(W)
+        se.tower.project.linear.bias.copy_(me.tower.project.linear.bias.mean(0, keepdim=True))
+        se.tower.out.load_state_dict(me.tower.out.state_dict())
+    e = torch.randn(M, 64, F_, D)
+    assert (me(e) - se(e.permute(1, 2, 0, 3).reshape(1, 64, F_, M * D))).abs().max() > 1e-3
+
+
+def _per_set_reference(model: nn.Module, e: torch.Tensor) -> torch.Tensor:
+    """Run each set through its own slice of every set-batched weight, one set at a time (the straightforward loop),
+    then average the per-set projections and apply the shared head."""
+
+    def slice_set(module, m):
+        clone = type(module).__new__(type(module))
+        clone.__dict__ = dict(module.__dict__)
+        clone._parameters = dict(module._parameters)
+        clone._modules = {k: slice_set(v, m) for k, v in module._modules.items()}
+        clone._buffers = dict(module._buffers)
+        if isinstance(module, SetLinear):
+            clone._parameters = {k: v[m:m + 1] if v is not None and v.shape[0] > 1 else v
+                                 for k, v in module._parameters.items()}
+        if isinstance(module, FieldWeightedPairs) and module.r.shape[0] > 1:
+            clone._parameters = {"r": module.r[m:m + 1]}
+        if isinstance(module, SetBatchNorm):
+            C = module.bn.num_features // M
+            bn = nn.BatchNorm1d(C).eval()
+            bn.weight, bn.bias = nn.Parameter(module.bn.weight[m * C:(m + 1) * C]), nn.Parameter(module.bn.bias[m * C:(m + 1) * C])
+            bn.running_mean, bn.running_var = module.bn.running_mean[m * C:(m + 1) * C], module.bn.running_var[m * C:(m + 1) * C]
+            clone._modules = {"bn": bn}
+        return clone
+
+    M = e.shape[0]
+    tower = model.tower
+    feats = []
+    for m in range(M):
+        one = slice_set(model, m)
+        captured = {}
+        one.tower = _Capture(captured)
+        one(e[m:m + 1])
+        feats.append(slice_set(tower.project, m)(captured["z"]))
+    h = torch.cat(feats).mean(0)
+    return tower.out(tower.shared(h)).squeeze(-1)
+
+
+class _Capture(nn.Module):
+    def __init__(self, store):
+        super().__init__()
+        self.store = store
+
+    def forward(self, z):
+        self.store["z"] = z
+        return z.new_zeros(z.shape[1])
+
+
+@pytest.mark.parametrize("cls", [bb.DNN, bb.IPNN, bb.NFwFM, bb.DCNv2, bb.AutoInt, bb.NFM])
+def test_batched_sets_equal_the_per_set_loop(cls):
+    torch.manual_seed(10)
+    M = 3
+    model = small(cls, M).eval()
+    for mod in model.modules():  # non-trivial BN statistics
+        if isinstance(mod, nn.BatchNorm1d):
+            mod.running_mean.uniform_(-0.5, 0.5), mod.running_var.uniform_(0.5, 2.0)
+    e = torch.randn(M, 7, len(DIMS), 4)
+    torch.testing.assert_close(model(e), _per_set_reference(model, e), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls", SHAREABLE)
+def test_shared_interaction_has_one_set_of_interaction_weights(cls):
+    shared, own = small(cls, 4, shared_interaction=True), small(cls, 4)
+    n_shared = sum(p.numel() for p in shared.parameters())
+    n_own = sum(p.numel() for p in own.parameters())
+    assert n_shared < n_own
+    out = shared(torch.randn(4, 5, len(DIMS), 4))
+    assert out.shape == (5,)
+
+
+def test_set_linear_matches_nn_linear_init_bound():
+    torch.manual_seed(0)
+    lin = SetLinear(5, 100, 3)
+    assert lin.weight.abs().max() <= 1 / math.sqrt(100) and lin.weight.std() > 0.03
+
+
+def test_tower_is_plain_mlp_for_one_set():
+    torch.manual_seed(0)
+    t = Tower(1, 6, [4, 3], dropout=0.0).eval()
+    z = torch.randn(1, 5, 6)
+    p = t.project
+    h = torch.relu(p.bn.bn(z[0] @ p.linear.weight[0] + p.linear.bias[0]))
+    torch.testing.assert_close(t(z), t.out(t.shared(h)).squeeze(-1))
+
+
+def test_scale_and_mode_set_sizes():
+    for mode, scale, sets, dim in [("SE", 10, 1, 100), ("ME", 10, 10, 10), ("SE", 1, 1, 10), ("ME", 3, 3, 10)]:
+        m = CTRModel(bb.DNN, field_dims=DIMS, mode=mode, scale=scale)
+        assert (m.num_sets, m.embed_dim) == (sets, dim)
+        assert m.embedding.weight.shape == (sum(DIMS), sets * dim)
+        assert m.parameter_counts()["embedding"] == sum(DIMS) * sets * dim
+
+
+def test_set_embedding_layout():
+    m = CTRModel(bb.DNN, field_dims=DIMS, mode="ME", scale=2, base_dim=3, embedding_init_std=1.0)
+    ids = torch.tensor([[1, 2, 0, 10]])
+    e = m.embedding(ids)  # (2, 1, 4, 3)
+    for f, i in enumerate(ids[0].tolist()):
+        for s in range(2):
+            torch.testing.assert_close(e[s, 0, f], m.embedding.table(f, s)[i])
+
+
+def test_bad_model_options():
+    with pytest.raises(bb.ConfigError, match="model.scale must be a positive integer"):
+        CTRModel(bb.DNN, field_dims=DIMS, scale=0)
+    with pytest.raises(bb.ConfigError, match="model.field_dims is empty"):
+        CTRModel(bb.DNN, field_dims=None)
