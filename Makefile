@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DATA ?= prepared/criteo_sample
 
-.PHONY: install demo test test-all bench clean-demo
+.PHONY: install demo test test-all bench clean-demo grid grid-sigir grid-data-fraction mlflow report
 
 install: $(VENV)/.recscale-installed
 
@@ -38,3 +38,35 @@ bench: install
 
 clean-demo:
 	rm -rf $(DEMO_DATA)
+
+# ---------------------------------------------------------------- the scaling grid (ICML 2024 Table 1 and friends)
+# make grid DATASET=criteo [MODELS=dnn,dcnv2] [MODES=SE,ME] [SCALES=1,10] [SEEDS=0] [EXTRA="--trainer.max_epochs 5"]
+#           [GPUS=0,1,2,3] [DRY_RUN=1]; `make -j N grid` runs N cells at once (one GPU each with GPUS).
+DATASET ?= criteo
+MODES ?= SE,ME
+SCALES ?= 1,2,3,4,10
+SEEDS ?= 0,1,2
+JOBS = $(or $(patsubst -j%,%,$(filter -j%,$(MAKEFLAGS))),1)
+GRID = $(VENV)/bin/recscale grid --dataset $(DATASET) --seeds "$(SEEDS)" -j $(JOBS) $(if $(GPUS),--gpus "$(GPUS)") \
+	$(if $(DRY_RUN),--dry-run) $(if $(MODELS),--models "$(MODELS)")
+
+grid: install
+	$(GRID) icml24 --modes "$(MODES)" --scales "$(SCALES)" $(EXTRA)
+
+grid-sigir: install
+	$(GRID) sigir $(EXTRA)
+
+grid-data-fraction: install
+	$(GRID) data-fraction $(EXTRA)
+
+report: install
+	$(VENV)/bin/recscale report --dataset $(DATASET)
+
+# ---------------------------------------------------------------- a local MLflow tracking server
+MLFLOW_PORT ?= 5000
+mlflow: install
+	@mkdir -p mlruns/server-artifacts
+	@echo "MLflow tracking server on http://127.0.0.1:$(MLFLOW_PORT) -- in another shell:"
+	@echo "    export MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT)"
+	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlruns/server.db \
+		--artifacts-destination $(CURDIR)/mlruns/server-artifacts --host 127.0.0.1 --port $(MLFLOW_PORT)

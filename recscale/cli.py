@@ -1,6 +1,6 @@
 """The `recscale` command.
 
-Data commands (`prepare`, `encode`, `synth`, `inspect`) are plain argparse; training commands (`fit`, `validate`,
+Data and analysis commands (`prepare`, `encode`, `synth`, `inspect`, `toy`, `analyze`) are plain argparse; training commands (`fit`, `validate`,
 `test`, `predict`) are a LightningCLI (see recscale.train).
 """
 
@@ -13,7 +13,7 @@ import time
 
 from recscale.data.formats import PROTOCOLS, PrepareError
 
-DATA_COMMANDS = ("prepare", "encode", "synth", "inspect")
+DATA_COMMANDS = ("prepare", "encode", "synth", "inspect", "toy", "analyze")
 
 
 def _data_parser() -> argparse.ArgumentParser:
@@ -51,6 +51,22 @@ def _data_parser() -> argparse.ArgumentParser:
     ins.add_argument("--split", default="train", choices=["train", "valid", "test"])
     ins.add_argument("--batch-size", type=int, default=2048)
     ins.add_argument("--num-workers", type=int, default=0)
+
+    toy = sub.add_parser("toy", help="ICML 2024 toy experiment (App. G, Fig. 4): IA(E1) vs iteration, |X3| = 3 vs 100")
+    toy.add_argument("--output", default="outputs/toy", help="directory for toy_ia.csv and toy_ia.png")
+    toy.add_argument("--dim", type=int, default=10, help="embedding size K (default 10)")
+    toy.add_argument("--iterations", type=int, default=5000)
+    toy.add_argument("--seed", type=int, default=0)
+    toy.add_argument("--no-mlflow", action="store_true", help="do not log a run to MLflow (experiment 'toy')")
+
+    an = sub.add_parser("analyze", help="recompute every diagnostic for a run's best checkpoint and log it to the run")
+    an.add_argument("--run", help="MLflow run id")
+    an.add_argument("--ckpt", help="a checkpoint file instead of a run's best checkpoint")
+    an.add_argument("--data", help="prepared data directory (default: the run's)")
+    an.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
+    an.add_argument("--sample-rows", type=int, default=50_000)
+    an.add_argument("--normalize-rows", action="store_true", help="IA of row-normalised tables (reference code)")
+    an.add_argument("--output", help="also write the figures and CSV tables to this directory")
     return p
 
 
@@ -87,6 +103,15 @@ def run_data_command(argv: list[str]) -> int:
             print(f"wrote {args.rows:,} synthetic {args.dataset} rows to {path} in {time.perf_counter() - t:.1f} s")
         elif args.command == "inspect":
             _inspect(args)
+        elif args.command == "toy":
+            from recscale.diagnostics.toy import toy_command
+
+            _print_summary(toy_command(args.output, args.dim, args.iterations, args.seed, mlflow_log=not args.no_mlflow))
+        elif args.command == "analyze":
+            from recscale.diagnostics.analyze import analyze
+
+            _print_summary(analyze(args.run, args.ckpt, args.data, args.tracking_uri, args.sample_rows,
+                                   args.normalize_rows, args.output))
     except PrepareError as e:
         print(f"recscale {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -122,6 +147,14 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in DATA_COMMANDS:
         sys.exit(run_data_command(argv))
+    if argv and argv[0] == "grid":
+        from recscale.grid import main as grid_main
+
+        sys.exit(grid_main(argv[1:]))
+    if argv and argv[0] == "report":
+        from recscale.report import main as report_main
+
+        sys.exit(report_main(argv[1:]))
     from recscale.train import cli_main
 
     cli_main(argv)

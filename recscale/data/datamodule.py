@@ -230,8 +230,14 @@ class CTRDataModule(L.LightningDataModule):
         ds = ShardStream(self.units(split), self.fields, bs, train, seed=hp.seed, shuffle_buffer=hp.shuffle_buffer,
                          num_workers=hp.num_workers)
         trainer = self.trainer
-        return EpochLoader(ds, (lambda: trainer.current_epoch) if trainer is not None else (lambda: 0),
-                           num_workers=hp.num_workers, persistent_workers=False)
+        # a private generator: creating an iterator must not draw from the global RNG (that would shift dropout
+        # masks by one draw per extra loader pass, e.g. the sanity check of a resumed fit)
+        # the epoch Lightning gives samplers (fit_loop.epoch_progress.current.processed): right also for the iterator
+        # Lightning creates before a resumed fit's first epoch, when trainer.current_epoch still lags by one
+        epoch_fn = (lambda: trainer.fit_loop.epoch_progress.current.processed) if trainer is not None else (lambda: 0)
+        return EpochLoader(ds, epoch_fn,
+                           num_workers=hp.num_workers, persistent_workers=False,
+                           generator=torch.Generator().manual_seed(hp.seed))
 
     def train_dataloader(self):
         return self._loader("train", True)
@@ -257,3 +263,21 @@ def _prefix(units, rows: int):
         out.append((path, g, min(n, left)))
         left -= n
     return out
+
+
+def sample_split(units: list[tuple[str, int, int]], fields: list[str], n: int, seed: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed uniform random sample of ``min(n, rows)`` rows of a split (in split order), reading only the row groups
+    that hold sampled rows: ``(ids int32 [n, F], label float32 [n])``."""
+    rows = np.array([u[2] for u in units], dtype=np.int64)
+    total = int(rows.sum())
+    pick = np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
+    starts = np.concatenate(([0], np.cumsum(rows)[:-1]))
+    xs, ys = [], []
+    ds = ShardStream(units, fields, 1, train=False)
+    for u in np.unique(np.searchsorted(starts, pick, side="right") - 1):
+        local = pick[(pick >= starts[u]) & (pick < starts[u] + rows[u])] - starts[u]
+        x, y = next(ds._read([(int(u), 0, int(rows[u]))]))
+        xs.append(x[local])
+        ys.append(y[local])
+    return np.concatenate(xs), np.concatenate(ys)

@@ -74,7 +74,7 @@ class CTRModel(L.LightningModule):
             raise ConfigError(f"model.scale must be a positive integer, got {scale}")
         if base_dim < 1:
             raise ConfigError(f"model.base_dim must be a positive integer, got {base_dim}")
-        self.save_hyperparameters(ignore=["backbone"], logger=False)
+        self.save_hyperparameters(logger=False)
         self.num_sets = scale if mode == "ME" else 1
         self.embed_dim = base_dim if mode == "ME" else base_dim * scale
         self.embedding = SetEmbedding(field_dims, self.embed_dim, self.num_sets, embedding_init_std)

@@ -1,0 +1,114 @@
+"""Cost of the collapse diagnostics on Criteo-size tables, against straightforward SVDs, and next to training.
+
+    python bench/diagnostics_bench.py [--skip-svd-baseline]
+
+* IA + spectra pass over all 39 fields (1,086,810 rows) for SE 10x (D = 100) and ME 10x (10 sets x 10), random weights:
+  recscale (one float64 Gram per field) vs `torch.linalg.svdvals` of every table (per set and concatenated).
+* RankMe of 50,000 x 390 and 50,000 x 3,900 matrices: Gram path (float64 as specified, and float32 products accumulated
+  in float64) vs `torch.linalg.svdvals`.
+* The whole callback pass (IA, spectra, diversity, DCNv2 sub-embedding IA, RankMe of embeddings and gradients on
+  50,000 rows, figures) as a fraction of one training epoch on the same data (DCNv2 ME 10x, 36.7M training rows,
+  samples/s measured here).
+Targets (issue 4, 2 CPU cores): IA + spectra <= 5 s; each RankMe <= 2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from _common import ROOT  # noqa: F401
+
+from recscale.data.synth import criteo_reference_dims
+from recscale.diagnostics import metrics as mt
+from recscale.diagnostics.report import Options, compute_report, field_grams
+from recscale.models import backbones as bb
+from recscale.models.module import CTRModel
+
+TRAIN_ROWS = 36_689_600  # 8/10 of Criteo's 45,840,617 lines
+
+
+def timed(fn, repeat=1):
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def ia_spectra(model):
+    full, per_set = field_grams(model)
+    ia = [mt.information_abundance(sigma=mt.spectrum_from_gram(g)) for g in full]
+    ia_sets = [[mt.information_abundance(sigma=mt.spectrum_from_gram(g)) for g in gs] for gs in per_set]
+    return ia, ia_sets
+
+
+def ia_spectra_svd(model):
+    emb = model.embedding
+    out = []
+    for f in range(len(emb.field_dims)):
+        out.append(float(torch.linalg.svdvals(emb.table(f).detach().double()).sum()))
+        if emb.num_sets > 1:
+            for m in range(emb.num_sets):
+                torch.linalg.svdvals(emb.table(f, m).detach().double())
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--skip-svd-baseline", action="store_true")
+    ap.add_argument("--sample-rows", type=int, default=50_000)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    dims = criteo_reference_dims()
+    print(f"{torch.get_num_threads()} threads; Criteo tables {sum(dims):,} rows x 39 fields")
+    for mode in ("SE", "ME"):
+        model = CTRModel(lambda f, d, m: bb.DCNv2(f, d, m), field_dims=dims, mode=mode, scale=10,
+                         embedding_init_std=1.0)
+        t_ours, (ia, _) = timed(lambda: ia_spectra(model), repeat=2)
+        line = f"IA + spectra, {mode} 10x: recscale {t_ours:6.2f} s"
+        if not a.skip_svd_baseline:
+            t_svd, ref = timed(lambda: ia_spectra_svd(model))
+            line += f" | svdvals per table {t_svd:6.2f} s | speed-up x{t_svd / t_ours:.1f}"
+        print(line, flush=True)
+        del model
+
+    g = torch.Generator().manual_seed(1)
+    for d in (390, 3900):
+        z = torch.randn(a.sample_rows, d, generator=g) * torch.logspace(0, -2, d)
+        t64, r64 = timed(lambda: mt.rankme(z), repeat=1)
+        t32, r32 = timed(lambda: mt.rankme(sigma=mt.spectrum_from_gram((z.T @ z).double())), repeat=1)
+        line = f"RankMe {a.sample_rows:,} x {d:,}: float64 Gram {t64:6.2f} s | float32 product {t32:6.2f} s " \
+               f"(|diff| {abs(r64 - r32):.1e})"
+        if not a.skip_svd_baseline:
+            ts, s = timed(lambda: torch.linalg.svdvals(z))
+            p = s.double() / s.double().sum() + 1e-7
+            line += f" | svdvals {ts:6.2f} s (|diff| {abs(r64 - float(torch.exp(-(p * p.log()).sum()))):.1e}) " \
+                    f"| speed-up x{ts / t64:.1f}"
+        print(line, flush=True)
+
+    # the whole callback pass vs one training epoch, DCNv2 ME 10x
+    model = CTRModel(lambda f, d, m: bb.DCNv2(f, d, m), field_dims=dims, mode="ME", scale=10)
+    ids = torch.stack([torch.randint(0, n, (a.sample_rows,), generator=g) for n in dims], 1).int()
+    y = torch.randint(0, 2, (a.sample_rows,), generator=g).float()
+    t_pass, rep = timed(lambda: compute_report(model, (ids, y), Options()))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-6, fused=True)
+    B, steps = 2048, 6
+    times = []
+    for i in range(steps + 1):
+        x = ids[(i * B) % (a.sample_rows - B):][:B]
+        t = time.perf_counter()
+        opt.zero_grad()
+        model.loss(model(x), y[:B]).backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    rate = B / (sum(times[1:]) / steps)
+    epoch = TRAIN_ROWS / rate
+    print(f"full diagnostics pass (DCNv2 ME 10x, {a.sample_rows:,}-row sample, figures): {t_pass:.1f} s; training "
+          f"{rate:,.0f} samples/s -> one Criteo epoch {epoch / 3600:.1f} h; pass = {t_pass / epoch:.2e} of an epoch")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""`recscale grid`: the papers' grids as cells of `recscale fit`, run N at a time, skipping finished cells.
+
+A cell is a list of config files plus overrides. Before launching, the runner resolves each cell's config exactly as
+`recscale fit` would and hashes it (the same hash `fit` stores as the run tag ``config_hash``); a cell whose hash already
+has a FINISHED run in the MLflow experiment is skipped, so re-running a grid re-runs only failed, killed or new cells.
+
+GPU placement: with ``--gpus 0,1,2,3`` the k-th concurrent slot runs its cells with ``CUDA_VISIBLE_DEVICES`` set to
+the k-th id (one GPU per cell, ``-j`` = number of GPUs). For DDP per cell instead, pass ``--gpus`` groups such as
+``0,1;2,3`` and ``--trainer.strategy ddp --trainer.devices 2`` as extra overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+ICML_MODELS = ["dnn", "ipnn", "nfwfm", "xdeepfm", "dcnv2", "finalmlp"]
+SIGIR_MODELS = ["fm", "fm_pdnn", "fm_sdnn", "crossnet", "crossnet_pdnn", "crossnet_sdnn"]
+SCALES = [1, 2, 3, 4, 10]
+FRACTIONS = [0.01, 0.03, 0.1, 0.3, 1.0]
+TABLE2_DIMS = [5, 10, 15, 20, 25, 30, 35, 40]
+
+
+@dataclass
+class Cell:
+    name: str
+    configs: list[str]
+    overrides: list[str] = field(default_factory=list)
+    tags: dict = field(default_factory=dict)
+
+    def argv(self, extra: list[str]) -> list[str]:
+        return ["fit", *[f"--config={c}" for c in self.configs], *self.overrides, *extra]
+
+
+def icml24_cells(dataset, models, modes, scales, seeds) -> list[Cell]:
+    cells = []
+    for m in models:
+        for scale in scales:
+            for mode in (["SE"] if scale == 1 else modes):  # 1x is shared by SE and ME
+                for seed in seeds:
+                    cells.append(Cell(f"{dataset}-{m}-{mode.lower()}{scale}x-seed{seed}",
+                                      [str(CONFIGS / "model" / f"{m}.yaml"),
+                                       str(CONFIGS / "scale" / f"{mode.lower()}{scale}x.yaml"),
+                                       str(CONFIGS / "data" / f"{dataset}.yaml")],
+                                      [f"--seed_everything={seed}"]))
+    return cells
+
+
+def sigir_cells(dataset, models, seeds) -> list[Cell]:
+    return [Cell(f"{dataset}-{m}-seed{seed}", [str(CONFIGS / "model" / f"{m}.yaml"),
+                                               str(CONFIGS / "data" / f"{dataset}.yaml")],
+                 [f"--seed_everything={seed}"] + (["--model.base_dim=16"] if dataset == "avazu" else []))
+            for m in models for seed in seeds]
+
+
+def data_fraction_cells(dataset, fractions, dims, seeds) -> list[Cell]:
+    """ICML 2024 Table 2: SE DCNv2 at embedding sizes 5..40 and ME (4 x 10) at 40, on 1-100 % of the training data."""
+    cells = []
+    for frac in fractions:
+        for seed in seeds:
+            for d in dims:
+                cells.append(Cell(f"{dataset}-frac{frac:g}-dcnv2-se-d{d}-seed{seed}",
+                                  [str(CONFIGS / "model" / "dcnv2.yaml"), str(CONFIGS / "data" / f"{dataset}.yaml")],
+                                  [f"--model.base_dim={d}", "--model.mode=SE", "--model.scale=1",
+                                   f"--data.train_fraction={frac}", f"--seed_everything={seed}"]))
+            cells.append(Cell(f"{dataset}-frac{frac:g}-dcnv2-me-d40-seed{seed}",
+                              [str(CONFIGS / "model" / "dcnv2.yaml"), str(CONFIGS / "data" / f"{dataset}.yaml")],
+                              ["--model.base_dim=10", "--model.mode=ME", "--model.scale=4",
+                               f"--data.train_fraction={frac}", f"--seed_everything={seed}"]))
+    return cells
+
+
+def cell_hash(cell: Cell, extra: list[str]) -> str:
+    """The `config_hash` tag `recscale fit` would give this cell (resolved config, parsed without instantiating)."""
+    from recscale.train import config_hash, parse_fit_config, resolved_config
+
+    parser, cfg = parse_fit_config(cell.argv(extra))
+    return config_hash(resolved_config(parser, cfg)[1])
+
+
+def finished_hashes(tracking_uri: str, experiment: str) -> set[str]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return set()
+    runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=50000)
+    return {r.data.tags.get("config_hash") for r in runs}
+
+
+def run_grid(cells: list[Cell], extra: list[str], jobs: int = 1, dry_run: bool = False, gpus: list[str] | None = None,
+             tracking_uri: str | None = None, experiment: str = "recscale", log_dir: str = "outputs/grid") -> dict:
+    from recscale.train import default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri()
+    done = finished_hashes(uri, experiment)
+    todo, skipped = [], []
+    for c in cells:
+        (skipped if cell_hash(c, extra) in done else todo).append(c)
+    print(f"grid: {len(cells)} cells, {len(skipped)} already FINISHED in {uri}, {len(todo)} to run"
+          + (" (dry run)" if dry_run else ""), flush=True)
+    for c in skipped:
+        print(f"  skip  {c.name}")
+    if dry_run:
+        for c in todo:
+            print(f"  run   {c.name}: recscale {' '.join(c.argv(extra))}")
+        return {"total": len(cells), "skipped": len(skipped), "ran": 0, "failed": []}
+    logs = Path(log_dir)
+    logs.mkdir(parents=True, exist_ok=True)
+    slots = list(range(max(1, jobs)))
+    free = list(slots)
+    failed: list[str] = []
+
+    def launch(c: Cell) -> int:
+        slot = free.pop(0)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+        t = time.perf_counter()
+        try:
+            with open(logs / f"{c.name}.log", "w") as log:
+                rc = subprocess.call([sys.executable, "-m", "recscale", *c.argv(extra),
+                                      f"--trainer.logger.init_args.experiment_name={experiment}",
+                                      f"--trainer.logger.init_args.run_name={c.name}"],
+                                     stdout=log, stderr=subprocess.STDOUT, env=env)
+        finally:
+            free.append(slot)
+        print(f"  {'done ' if rc == 0 else 'FAIL '} {c.name} ({time.perf_counter() - t:.0f} s, log {logs / c.name}.log)",
+              flush=True)
+        if rc != 0:
+            failed.append(c.name)
+        return rc
+
+    with ThreadPoolExecutor(max_workers=len(slots)) as pool:
+        list(pool.map(launch, todo))
+    return {"total": len(cells), "skipped": len(skipped), "ran": len(todo), "failed": failed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="recscale grid", description=__doc__.split("\n\n")[0])
+    ap.add_argument("grid", choices=["icml24", "sigir", "data-fraction"])
+    ap.add_argument("--dataset", default="criteo", help="a configs/data/NAME.yaml (criteo, avazu, criteo_sample)")
+    ap.add_argument("--models", default=None, help="comma list of configs/model names")
+    ap.add_argument("--modes", default="SE,ME")
+    ap.add_argument("--scales", default=",".join(map(str, SCALES)))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--fractions", default=",".join(map(str, FRACTIONS)))
+    ap.add_argument("--dims", default=",".join(map(str, TABLE2_DIMS)))
+    ap.add_argument("-j", "--jobs", type=int, default=1, help="cells at once")
+    ap.add_argument("--gpus", default=None, help="GPU ids per slot: '0,1,2,3' (one per cell) or '0,1;2,3' groups")
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--experiment", default="recscale")
+    ap.add_argument("--tracking-uri", default=None)
+    ap.add_argument("--log-dir", default="outputs/grid")
+    a, extra = ap.parse_known_args(argv)
+    seeds = [int(s) for s in a.seeds.split(",") if s]
+    if a.grid == "icml24":
+        models = a.models.split(",") if a.models else ICML_MODELS
+        cells = icml24_cells(a.dataset, models, [m.upper() for m in a.modes.split(",") if m],
+                             [int(s) for s in a.scales.split(",") if s], seeds)
+    elif a.grid == "sigir":
+        cells = sigir_cells(a.dataset, a.models.split(",") if a.models else SIGIR_MODELS, seeds)
+    else:
+        cells = data_fraction_cells(a.dataset, [float(f) for f in a.fractions.split(",")],
+                                    [int(d) for d in a.dims.split(",")], seeds)
+    missing = sorted({c for cell in cells for c in cell.configs if not Path(c).exists()})
+    if missing:
+        print(f"recscale grid: error: config file(s) not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    gpus = [g for g in a.gpus.split(";")] if a.gpus and ";" in a.gpus else (a.gpus.split(",") if a.gpus else None)
+    res = run_grid(cells, extra, a.jobs, a.dry_run, gpus, a.tracking_uri, a.experiment, a.log_dir)
+    if res["failed"]:
+        print(f"grid: {len(res['failed'])} cell(s) failed: {', '.join(res['failed'])}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,25 @@
+"""Test-only callbacks, importable by subprocesses with PYTHONPATH=tests."""
+
+import json
+import os
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+
+
+class StepRecorder(Callback):
+    """Writes, per rank, the optimizer steps and training rows it saw to $RECSCALE_TEST_OUT/rank{r}.json."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.rows, self.batches = 0, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.rows += len(batch[1])
+        self.batches += 1
+
+    def on_train_end(self, trainer, pl_module):
+        out = Path(os.environ["RECSCALE_TEST_OUT"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
+            {"global_step": trainer.global_step, "batches": self.batches, "rows": self.rows,
+             "world": trainer.world_size}))

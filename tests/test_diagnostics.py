@@ -1,0 +1,232 @@
+"""Collapse diagnostics: closed-form cases, the Gram path against SVD, and the MLflow logging of a real fit."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+
+from recscale.diagnostics import metrics as mt
+from recscale.diagnostics.report import Options, compute_report
+from recscale.models import backbones as bb
+from recscale.models.module import CTRModel
+
+
+def orthonormal(n, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, d, generator=g, dtype=torch.float64))
+    return q
+
+
+def test_orthonormal_columns():
+    q = orthonormal(200, 7)
+    assert mt.information_abundance(q) == pytest.approx(7.0, rel=1e-9)
+    assert mt.rankme(q) == pytest.approx(7.0, rel=1e-5)  # p_k = 1/7 (+1e-7)
+    torch.testing.assert_close(mt.normalized_spectrum(q), torch.ones(7, dtype=torch.float64))
+
+
+def test_rank_one():
+    x = torch.outer(torch.arange(1.0, 51.0), torch.tensor([1.0, -2.0, 0.5, 3.0]))
+    assert mt.information_abundance(x) == pytest.approx(1.0, abs=1e-6)
+    assert mt.rankme(x) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_diagonal_known_spectrum():
+    x = torch.zeros(10, 3)
+    x[0, 0], x[1, 1], x[2, 2] = 3.0, 2.0, 1.0
+    torch.testing.assert_close(mt.singular_values(x), torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+    assert mt.information_abundance(x) == pytest.approx(2.0)  # (3+2+1)/3
+    p = np.array([3, 2, 1]) / 6 + 1e-7
+    assert mt.rankme(x) == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-9)  # 2.749
+    assert mt.rankme(x) == pytest.approx(2.7495, abs=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(5000, 16), (300, 64), (40, 90)])
+def test_gram_path_matches_svd(shape):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64) * torch.logspace(0, -3, shape[1], dtype=torch.float64)
+    want = torch.linalg.svdvals(x)
+    got = mt.singular_values(x)[: len(want)]
+    big = want > want[0] * 1e-6  # below that the Gram path is limited by float64 (sigma^2)
+    torch.testing.assert_close(got[big], want[big], rtol=1e-6, atol=0)
+
+
+def test_row_normalisation_and_centring_options():
+    x = torch.tensor([[3.0, 0.0], [0.0, 1.0], [0.0, 2.0]])
+    # raw: sigma = [3, sqrt(5)]; rows normalised: [[1,0],[0,1],[0,1]] -> sigma = [sqrt(2), 1]
+    assert mt.information_abundance(x) == pytest.approx((3 + math.sqrt(5)) / 3)
+    assert mt.information_abundance(x, normalize_rows=True) == pytest.approx((math.sqrt(2) + 1) / math.sqrt(2))
+    c = x - x.mean(0)
+    torch.testing.assert_close(mt.singular_values(x, center=True), torch.linalg.svdvals(c.double()))
+
+
+def test_principal_angles():
+    a = orthonormal(50, 4, seed=2)
+    torch.testing.assert_close(mt.principal_cosines(a, a @ torch.randn(4, 4, dtype=torch.float64)),
+                               torch.ones(4, dtype=torch.float64))
+    full = orthonormal(50, 8, seed=3)
+    assert mt.principal_cosines(full[:, :4], full[:, 4:]).max() < 1e-10
+    assert mt.set_diversity([full[:, :4], full[:, 4:]]) == pytest.approx(1.0)
+    theta = 0.3
+    e1 = torch.zeros(10, 1, dtype=torch.float64)
+    e1[0] = 1
+    v = torch.zeros(10, 1, dtype=torch.float64)
+    v[0], v[1] = math.cos(theta), math.sin(theta)
+    assert float(mt.principal_cosines(e1, 5 * v)[0]) == pytest.approx(math.cos(theta))
+    # the Gram-only route agrees
+    A = torch.randn(300, 5, dtype=torch.float64)
+    B = torch.randn(300, 5, dtype=torch.float64) + 0.5 * A
+    torch.testing.assert_close(mt.principal_cosines_from_gram(A.T @ A, B.T @ B, A.T @ B), mt.principal_cosines(A, B))
+
+
+def test_sub_embedding_ia_matches_direct_blocks():
+    torch.manual_seed(4)
+    F_, D = 4, 3
+    tables = [torch.randn(n, D, dtype=torch.float64) for n in (50, 7, 200, 13)]
+    blocks = torch.randn(F_, F_, D, D, dtype=torch.float64)
+    blocks[1, 2] = torch.diag(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))  # rank-1 projection: IA = 1
+    got = mt.sub_embedding_ia([t.T @ t for t in tables], blocks)
+    for i in range(F_):
+        for j in range(F_):
+            s = torch.linalg.svdvals(tables[i] @ blocks[i, j])
+            assert float(got[i, j]) == pytest.approx(float(s.sum() / s.max()), rel=1e-8)
+    assert float(got[1, 2]) == pytest.approx(1.0)
+
+
+def test_sub_embedding_ia_uses_the_model_blocks():
+    """E_i^{->j} = E_i W_1[i, j] is what field i contributes to field j's slot of the first cross layer."""
+    torch.manual_seed(5)
+    F_, D = 3, 2
+    model = bb.DCNv2(F_, D, 1, cross_layers=1, hidden=[4])
+    lin = model.cross.layers[0]
+    e = torch.randn(1, 1, F_, D)
+    x = e.flatten(2)
+    contrib = x[0, 0, 0 * D:1 * D] @ model.blocks()[0, 0, 2]  # field 0 -> slot of field 2
+    full = (x @ lin.weight)[0, 0, 2 * D:3 * D]
+    others = sum(x[0, 0, k * D:(k + 1) * D] @ model.blocks()[0, k, 2] for k in (1, 2))
+    torch.testing.assert_close(full, contrib + others)
+
+
+def test_ffm_sub_ia_and_correlation():
+    torch.manual_seed(6)
+    F_, k = 3, 2
+    tables = [torch.randn(30, (F_ - 1) * k, dtype=torch.float64) for _ in range(F_)]
+    A = mt.ffm_sub_embedding_ia(tables)
+    assert torch.isnan(A.diagonal()).all()
+    assert float(A[0, 2]) == pytest.approx(mt.information_abundance(tables[0][:, 2:4]))  # j=2 sits in slot 1
+    assert float(A[2, 0]) == pytest.approx(mt.information_abundance(tables[2][:, 0:2]))
+    ia = torch.tensor([1.0, 2.0, 3.0])
+    perfect = ia[None, :].repeat(3, 1) * 2 + 1
+    assert mt.correlation_factor(perfect, ia) == pytest.approx(1.0)
+
+
+def test_covariance_spectrum_matches_numpy():
+    z = torch.randn(500, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64)
+    ev = np.sort(np.linalg.eigvalsh(np.cov(z.numpy().T)))[::-1]
+    np.testing.assert_allclose(mt.covariance_spectrum(z).numpy(), ev / ev[0], rtol=1e-9)
+
+
+def _tiny_model(mode="ME", scale=2):
+    torch.manual_seed(0)
+    return CTRModel(lambda f, d, m: bb.DCNv2(f, d, m, cross_layers=1, hidden=[8, 8]), field_dims=[6, 9, 4, 12],
+                    base_dim=3, mode=mode, scale=scale, embedding_init_std=0.5)
+
+
+def test_report_matches_direct_computations():
+    model = _tiny_model()
+    ids = torch.stack([torch.randint(0, n, (300,)) for n in [6, 9, 4, 12]], 1).int()
+    y = torch.randint(0, 2, (300,)).float()
+    rep = compute_report(model, (ids, y), Options(figures=False, chunk_rows=128), ["a", "b", "c", "d"])
+    emb = model.embedding
+    for f, n in enumerate("abcd"):
+        assert rep.metrics[f"ia/{n}"] == pytest.approx(mt.information_abundance(emb.table(f)), rel=1e-7)
+        for m in range(2):
+            assert rep.metrics[f"ia_set{m}/{n}"] == pytest.approx(mt.information_abundance(emb.table(f, m)), rel=1e-7)
+    div = np.mean([1 - mt.set_similarity(emb.table(f, 0), emb.table(f, 1)) for f in range(4)])
+    assert rep.metrics["diversity/mean"] == pytest.approx(div, rel=1e-8)
+    # RankMe of Z, and of dL/dZ against plain autograd in eval mode
+    model.eval()
+    z = emb(ids)  # (M, B, F, D)
+    Z = z.permute(1, 2, 0, 3).reshape(300, -1)
+    assert rep.metrics["rankme/embeddings"] == pytest.approx(float(_rankme_svd(Z)), rel=1e-6)
+    e = z.detach().requires_grad_(True)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(model.backbone(e), y)
+    (g,) = torch.autograd.grad(loss, e)
+    G = g.permute(1, 2, 0, 3).reshape(300, -1)
+    assert rep.metrics["rankme/gradients"] == pytest.approx(float(_rankme_svd(G)), rel=1e-6)
+    assert all(p.grad is None for p in model.parameters()), "diagnostics must not touch parameter gradients"
+    assert "sub_ia/correlation_factor" in rep.metrics and len(rep.tables["sub_embedding_ia"]) == 16
+
+
+def _rankme_svd(x):
+    s = torch.linalg.svdvals(x.double())
+    p = s / s.sum() + 1e-7
+    return torch.exp(-(p * p.log()).sum())
+
+
+def test_report_restores_training_mode():
+    model = _tiny_model()
+    model.train()
+    ids = torch.stack([torch.randint(0, n, (64,)) for n in [6, 9, 4, 12]], 1).int()
+    compute_report(model, (ids, torch.ones(64)), Options(figures=False))
+    assert model.training
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_toy_reproduces_the_papers_qualitative_result(seed):
+    from recscale.diagnostics.toy import run_toy
+
+    small = run_toy(3, dim=10, iterations=1000, every=500, seed=seed)
+    large = run_toy(100, dim=10, iterations=1000, every=500, seed=seed)
+    assert small[0][1] == pytest.approx(large[0][1])  # the same E1 at the start
+    assert small[-1][1] < large[-1][1] - 0.5  # interacting with a low-IA field collapses E1 (measured gap ~1.0)
+    assert small[-1][1] < small[0][1] - 1.0
+
+
+def test_toy_command_writes_figure_and_values(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from recscale.diagnostics.toy import toy_command
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    s = toy_command(str(tmp_path / "toy"), iterations=200, mlflow_log=True)
+    assert (tmp_path / "toy" / "toy_ia.png").stat().st_size > 5000
+    rows = (tmp_path / "toy" / "toy_ia.csv").read_text().splitlines()
+    assert rows[0] == "iteration,ia_e1_d3_3,ia_e1_d3_100" and len(rows) == 2 + 200 // 50
+    run = MlflowClient(uri).get_run(s["mlflow_run_id"])
+    assert run.data.metrics["ia_e1_small"] == pytest.approx(s["final_ia_small"])
+
+
+def test_fit_logs_every_diagnostic_and_analyze_adds_to_the_run(criteo_dir, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from recscale.diagnostics.analyze import analyze
+    from recscale.train import cli_main
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    cli_main(["fit", f"--config={ROOT / 'configs/model/dcnv2.yaml'}", f"--config={ROOT / 'configs/scale/me2x.yaml'}",
+              f"--data.data_dir={criteo_dir}", "--data.batch_size=1024", "--data.num_workers=0",
+              "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false", "--diagnostics.sample_rows=600"])
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("recscale").experiment_id])[0]
+    m = run.data.metrics
+    for key in ["diag/ia/mean", "diag/ia/I1", "diag/ia/C26", "diag/ia_set0/C3", "diag/ia_set1/C3", "diag/ia_set/mean",
+                "diag/diversity/mean", "diag/sub_ia/correlation_factor", "diag/rankme/embeddings",
+                "diag/rankme/gradients", "diag/seconds"]:
+        assert key in m, key
+    assert m["diag/rankme/sample_rows"] == 600
+    hist = client.get_metric_history(run.info.run_id, "diag/rankme/gradients")
+    assert len(hist) == 2 and hist[0].step < hist[1].step  # tracked over training
+    steps = [a.path for a in client.list_artifacts(run.info.run_id, "diagnostics")]
+    assert len(steps) == 2
+    files = {a.path.rsplit("/", 1)[1] for a in client.list_artifacts(run.info.run_id, steps[-1])}
+    assert {"ia_heatmap.png", "spectra.png", "spectra.csv", "ia.csv", "covariance_spectrum.png",
+            "sub_embedding_ia.png", "sub_embedding_ia.csv", "interaction_patterns.png", "diversity.csv"} <= files
+    s = analyze(run_id=run.info.run_id, tracking_uri=uri, sample_rows=600)
+    assert s["rankme/embeddings"] > 1
+    steps_after = [a.path for a in client.list_artifacts(run.info.run_id, "diagnostics")]
+    assert any("analyze-step" in p for p in steps_after)
