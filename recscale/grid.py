@@ -12,6 +12,7 @@ the k-th id (one GPU per cell, ``-j`` = number of GPUs). For DDP per cell instea
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -50,14 +51,15 @@ def icml24_cells(dataset, models, modes, scales, seeds) -> list[Cell]:
                                       [str(CONFIGS / "model" / f"{m}.yaml"),
                                        str(CONFIGS / "scale" / f"{mode.lower()}{scale}x.yaml"),
                                        str(CONFIGS / "data" / f"{dataset}.yaml")],
-                                      [f"--seed_everything={seed}"]))
+                                      [f"--seed_everything={seed}"], {"grid": "icml24"}))
     return cells
 
 
 def sigir_cells(dataset, models, seeds) -> list[Cell]:
     return [Cell(f"{dataset}-{m}-seed{seed}", [str(CONFIGS / "model" / f"{m}.yaml"),
                                                str(CONFIGS / "data" / f"{dataset}.yaml")],
-                 [f"--seed_everything={seed}"] + (["--model.base_dim=16"] if dataset == "avazu" else []))
+                 [f"--seed_everything={seed}"] + (["--model.base_dim=16"] if dataset == "avazu" else []),
+                 {"grid": "sigir"})
             for m in models for seed in seeds]
 
 
@@ -70,11 +72,13 @@ def data_fraction_cells(dataset, fractions, dims, seeds) -> list[Cell]:
                 cells.append(Cell(f"{dataset}-frac{frac:g}-dcnv2-se-d{d}-seed{seed}",
                                   [str(CONFIGS / "model" / "dcnv2.yaml"), str(CONFIGS / "data" / f"{dataset}.yaml")],
                                   [f"--model.base_dim={d}", "--model.mode=SE", "--model.scale=1",
-                                   f"--data.train_fraction={frac}", f"--seed_everything={seed}"]))
+                                   f"--data.train_fraction={frac}", f"--seed_everything={seed}"],
+                                  {"grid": "data-fraction"}))
             cells.append(Cell(f"{dataset}-frac{frac:g}-dcnv2-me-d40-seed{seed}",
                               [str(CONFIGS / "model" / "dcnv2.yaml"), str(CONFIGS / "data" / f"{dataset}.yaml")],
                               ["--model.base_dim=10", "--model.mode=ME", "--model.scale=4",
-                               f"--data.train_fraction={frac}", f"--seed_everything={seed}"]))
+                               f"--data.train_fraction={frac}", f"--seed_everything={seed}"],
+                              {"grid": "data-fraction"}))
     return cells
 
 
@@ -107,7 +111,7 @@ def run_grid(cells: list[Cell], extra: list[str], jobs: int = 1, dry_run: bool =
     for c in cells:
         (skipped if cell_hash(c, extra) in done else todo).append(c)
     print(f"grid: {len(cells)} cells, {len(skipped)} already FINISHED in {uri}, {len(todo)} to run"
-          + (" (dry run)" if dry_run else ""), flush=True)
+          + (" (dry run)" if dry_run else "") + f", {max(1, jobs)} at a time", flush=True)
     for c in skipped:
         print(f"  skip  {c.name}")
     if dry_run:
@@ -130,7 +134,8 @@ def run_grid(cells: list[Cell], extra: list[str], jobs: int = 1, dry_run: bool =
             with open(logs / f"{c.name}.log", "w") as log:
                 rc = subprocess.call([sys.executable, "-m", "recscale", *c.argv(extra),
                                       f"--trainer.logger.init_args.experiment_name={experiment}",
-                                      f"--trainer.logger.init_args.run_name={c.name}"],
+                                      f"--trainer.logger.init_args.run_name={c.name}",
+                                      f"--trainer.logger.init_args.tags={json.dumps(c.tags)}"],
                                      stdout=log, stderr=subprocess.STDOUT, env=env)
         finally:
             free.append(slot)

@@ -89,7 +89,6 @@ class RecscaleLogger(MLFlowLogger):
             for var, val in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10"),
                              ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")):
                 os.environ.setdefault(var, val)
-            check_server(uri)
         super().__init__(experiment_name=experiment_name, run_name=run_name, tracking_uri=uri, log_model=log_model,
                          artifact_location=default_artifact_location(uri), tags=tags, run_id=run_id)
         self.retry_seconds = retry_seconds
@@ -97,6 +96,14 @@ class RecscaleLogger(MLFlowLogger):
         self._retry_at = 0.0
         self._down = False
         self.unsent_path: Path | None = None
+
+    @rank_zero_only
+    def log_hyperparams(self, params) -> None:
+        try:
+            super().log_hyperparams(params)
+        except Exception as e:  # keep training; the resolved config is also in checkpoints and config.yaml
+            print(f"recscale: warning: could not log hyperparameters to {self._tracking_uri} "
+                  f"({e.__class__.__name__}); they are in the checkpoints' hyper_parameters", file=sys.stderr)
 
     @rank_zero_only
     def log_metrics(self, metrics, step=None) -> None:
@@ -317,7 +324,12 @@ class RecscaleCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
         kwargs["plugins"] = plugins
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        for lg in trainer.loggers:  # a tracking server must answer before anything runs (here, not in the logger's
+            uri = getattr(lg, "_tracking_uri", "") or ""  # __init__: jsonargparse would swallow the error there)
+            if isinstance(lg, MLFlowLogger) and uri.startswith(("http://", "https://")):
+                check_server(uri)
+        return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:

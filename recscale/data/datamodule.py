@@ -204,7 +204,7 @@ class CTRDataModule(L.LightningDataModule):
             raise ValueError(f"data.train_fraction must be in (0, 1], got {train_fraction}")
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the CLI logs the whole resolved config
         self.data_dir = Path(data_dir)
         self.spec = load_spec(self.data_dir)
         self.fields = [f["name"] for f in self.spec["fields"]]
