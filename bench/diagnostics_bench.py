@@ -18,7 +18,6 @@ import argparse
 import time
 
 import torch
-from _common import ROOT  # noqa: F401
 
 from recscale.data.synth import criteo_reference_dims
 from recscale.diagnostics import metrics as mt
@@ -102,6 +101,7 @@ def main():
         t = time.perf_counter()
         opt.zero_grad()
         model.loss(model(x), y[:B]).backward()
+        model.embedding.densify_grad()
         opt.step()
         times.append(time.perf_counter() - t)
     rate = B / (sum(times[1:]) / steps)

@@ -22,7 +22,6 @@ import gc
 import time
 
 import torch
-from _common import ROOT  # noqa: F401  (puts the repo on the path when run from bench/)
 from torch import nn
 
 from recscale.data.synth import criteo_reference_dims
@@ -117,6 +116,8 @@ def train(model, opt, data, device, loss_fn):
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(ids), y)
         loss.backward()
+        if hasattr(model, "embedding") and hasattr(model.embedding, "densify_grad"):
+            model.embedding.densify_grad()  # what CTRModel.on_before_optimizer_step does under Lightning
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -170,6 +171,7 @@ def profile(cls, mode, scale, dims, B, device):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             with record_function("optimizer.step"):
+                model.embedding.densify_grad()
                 opt.step()
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=14))

@@ -118,6 +118,9 @@ def run_grid(cells: list[Cell], extra: list[str], jobs: int = 1, dry_run: bool =
         for c in todo:
             print(f"  run   {c.name}: recscale {' '.join(c.argv(extra))}")
         return {"total": len(cells), "skipped": len(skipped), "ran": 0, "failed": []}
+    from recscale.train import ensure_experiment
+
+    ensure_experiment(uri, experiment)  # once, before cells start in parallel
     logs = Path(log_dir)
     logs.mkdir(parents=True, exist_ok=True)
     slots = list(range(max(1, jobs)))

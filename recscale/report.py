@@ -76,7 +76,7 @@ def icml_table1(runs: list[dict], dataset: str):
         if r["model"] in ICML_NAMES and r["auc"] is not None and r["grid"] in ("", "icml24") and r["fraction"] == 1.0:
             groups[(ICML_NAMES[r["model"]], r["mode"], r["scale"])].append(r)
     rows, md = [], []
-    md.append(f"| model | mode | " + " | ".join(f"{k}x" for k in SCALES) + " |")
+    md.append("| model | mode | " + " | ".join(f"{k}x" for k in SCALES) + " |")
     md.append("|---|---|" + "---|" * len(SCALES))
     for model in ICML_NAMES.values():
         for mode in ("SE", "ME"):
@@ -199,7 +199,7 @@ def build_report(tracking_uri: str, experiment: str, dataset: str, output: str, 
             f"## ICML 2024 Table 1 (test AUC)\n\n{md1}\n\n## SIGIR 2026 Table 1\n\n{mds}\n\n"
             f"## ICML 2024 Table 2 (mean IA; paper in parentheses)\n\n{md2}\n")
     (out / "report.md").write_text(text)
-    figs = figures(t1, out)
+    figures(t1, out)
     res = {"runs": len(runs), "output": str(out), "files": sorted(p.name for p in out.iterdir())}
     if summary_run:
         import mlflow
@@ -212,7 +212,6 @@ def build_report(tracking_uri: str, experiment: str, dataset: str, output: str, 
             mlflow.set_tags({"dataset": dataset, "source_experiment": experiment, "runs": str(len(runs))})
             mlflow.log_artifacts(str(out))
             res["summary_run_id"] = r.info.run_id
-    del figs
     return res
 
 

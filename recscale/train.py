@@ -55,6 +55,23 @@ def default_artifact_location(uri: str) -> str | None:
     return None
 
 
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """The id of experiment `name`, creating it if needed; safe when several processes race to create it."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=default_artifact_location(tracking_uri))
+    except Exception:  # another process created it between the two calls
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
 class TrackingUnavailable(ConfigError):
     """The MLflow tracking server cannot be reached when a run starts."""
 
@@ -329,6 +346,8 @@ class RecscaleCLI(LightningCLI):
             uri = getattr(lg, "_tracking_uri", "") or ""  # __init__: jsonargparse would swallow the error there)
             if isinstance(lg, MLFlowLogger) and uri.startswith(("http://", "https://")):
                 check_server(uri)
+            if isinstance(lg, MLFlowLogger) and lg._run_id is None and trainer.is_global_zero:
+                ensure_experiment(uri, lg._experiment_name)  # parallel grid cells race to create it otherwise
         return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:

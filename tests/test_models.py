@@ -40,7 +40,7 @@ def small(cls, sets, dim=4, **kw):
 def test_shapes_finite_and_every_parameter_gets_a_gradient(cls, sets):
     torch.manual_seed(0)
     dim = 6 if cls is bb.FFM else 4  # FFM: dim divisible by F - 1 = 3
-    model = CTRModel(lambda f, d, m: small(cls, m, d), field_dims=DIMS, base_dim=dim if sets == 1 else dim,
+    model = CTRModel(lambda f, d, m: small(cls, m, d), field_dims=DIMS, base_dim=dim,
                      mode="ME" if sets > 1 else "SE", scale=sets, embedding_init_std=0.1)
     assert model.num_sets == sets and model.embed_dim == dim
     ids = torch.stack([torch.randint(0, n, (16,)) for n in DIMS], 1).int()
@@ -340,3 +340,30 @@ def test_bad_model_options():
         CTRModel(bb.DNN, field_dims=DIMS, scale=0)
     with pytest.raises(bb.ConfigError, match="model.field_dims is empty"):
         CTRModel(bb.DNN, field_dims=None)
+
+
+def test_sparse_embedding_gradient_gives_the_same_updates():
+    """The persistent-buffer route feeds Adam the same dense gradient as autograd's dense embedding backward,
+    including rows looked up twice in a batch and rows touched in an earlier step only."""
+    models = []
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        models.append(CTRModel(lambda f, d, m: bb.DNN(f, d, m, hidden=[8, 8], dropout=0.0), field_dims=DIMS,
+                               base_dim=3, mode="ME", scale=2, embedding_init_std=0.1, sparse_embedding_grad=sparse))
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2, weight_decay=1e-3, fused=True) for m in models]
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):
+        ids = torch.stack([torch.randint(0, n, (32,), generator=g) for n in DIMS], 1)
+        ids[:4] = ids[4:8]  # duplicated rows
+        y = torch.randint(0, 2, (32,), generator=g).float()
+        grads = []
+        for m, o in zip(models, opts):
+            o.zero_grad(set_to_none=True)
+            m.loss(m(ids), y).backward()
+            m.embedding.densify_grad()
+            grads.append(m.embedding.weight.grad.clone())
+            o.step()
+        assert not grads[0].is_sparse
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(models[0].embedding.weight, models[1].embedding.weight, rtol=1e-5, atol=1e-7)
+    assert models[0].embedding._grad_buffer is not None and models[1].embedding._grad_buffer is None

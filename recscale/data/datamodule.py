@@ -221,7 +221,7 @@ class CTRDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         splits = {"fit": ("train", "valid"), "validate": ("valid",), "test": ("test",), "predict": ("test",)}
-        for s in splits.get(stage or "fit", SPLIT_ALL):
+        for s in splits.get(stage or "fit", ("train", "valid", "test")):
             self.units(s)  # checks every shard before any training starts
 
     def _loader(self, split: str, train: bool) -> EpochLoader:
@@ -250,9 +250,6 @@ class CTRDataModule(L.LightningDataModule):
 
     def predict_dataloader(self):
         return self._loader("test", False)
-
-
-SPLIT_ALL = ("train", "valid", "test")
 
 
 def _prefix(units, rows: int):

@@ -92,8 +92,7 @@ def toy_command(output: str = "outputs/toy", dim: int = 10, iterations: int = 50
 
 
 def _ensure_experiment(mlflow, name: str) -> None:
-    from recscale.train import default_artifact_location
+    from recscale.train import ensure_experiment
 
-    if mlflow.get_experiment_by_name(name) is None:
-        mlflow.create_experiment(name, artifact_location=default_artifact_location(mlflow.get_tracking_uri()))
+    ensure_experiment(mlflow.get_tracking_uri(), name)
     mlflow.set_experiment(name)

@@ -25,18 +25,40 @@ class SetEmbedding(nn.Module):
     Set m of field i is ``weight[offset_i : offset_i + |V_i|, m*D : (m+1)*D]``. Initialised N(0, std^2).
     """
 
-    def __init__(self, field_dims: list[int], dim: int, num_sets: int, init_std: float = 1e-4):
+    def __init__(self, field_dims: list[int], dim: int, num_sets: int, init_std: float = 1e-4,
+                 sparse_grad: bool = True):
         super().__init__()
         self.field_dims, self.dim, self.num_sets = list(field_dims), dim, num_sets
         self.weight = nn.Parameter(torch.empty(sum(field_dims), num_sets * dim))
         nn.init.normal_(self.weight, 0.0, init_std)
         offsets = torch.tensor([0, *field_dims[:-1]]).cumsum(0)
         self.register_buffer("offsets", offsets, persistent=False)
+        self.sparse_grad = sparse_grad
+        self._grad_buffer: Tensor | None = None
+        self._touched: Tensor | None = None
 
     def forward(self, ids: Tensor) -> Tensor:  # (B, F) int -> (M, B, F, D)
         B, Fn = ids.shape
-        flat = F.embedding(ids + self.offsets, self.weight)  # (B, F, M*D)
+        sparse = self.sparse_grad and self.training and torch.is_grad_enabled()
+        flat = F.embedding(ids + self.offsets, self.weight, sparse=sparse)  # (B, F, M*D)
         return flat.view(B, Fn, self.num_sets, self.dim).permute(2, 0, 1, 3)
+
+    def densify_grad(self) -> None:
+        """Turn a sparse table gradient into the dense gradient the optimizer expects, without a fresh zero-filled
+        (sum|V|, M*D) tensor every step: one persistent buffer, of which only the rows touched by the previous step
+        are zeroed. The optimizer then sees exactly the dense gradient it would have seen (weight decay still updates
+        every row). Call before ``optimizer.step()``."""
+        g = self.weight.grad
+        if g is None or not g.is_sparse:
+            return
+        if self._grad_buffer is None or self._grad_buffer.shape != self.weight.shape:
+            self._grad_buffer = torch.zeros_like(self.weight)
+        elif self._touched is not None:
+            self._grad_buffer.index_fill_(0, self._touched, 0.0)
+        idx = g._indices()[0]
+        self._grad_buffer.index_add_(0, idx, g._values())
+        self._touched = idx
+        self.weight.grad = self._grad_buffer
 
     def table(self, field: int, set_index: int | None = None) -> Tensor:
         """A field's table: ``(|V_i|, D)`` for one set, or ``(|V_i|, M*D)`` (sets concatenated) when set is None."""
@@ -61,11 +83,15 @@ class CTRModel(L.LightningModule):
         embedding_init_std: std of the normal initialisation of the embedding tables.
         fused_adam: use torch's fused Adam kernel (the same update in one pass over each tensor; for 1M-row tables the
             optimizer step dominates a training step on the CPU). ``False`` gives torch's default implementation.
+        sparse_embedding_grad: build the table's gradient from the looked-up rows only (see
+            ``SetEmbedding.densify_grad``); the same update, without zero-filling the whole table every step.
+            Switched off automatically under multi-process training (DDP reduces dense gradients).
     """
 
     def __init__(self, backbone: Callable[[int, int, int], nn.Module], field_dims: list[int] | None = None,
                  base_dim: int = 10, mode: Literal["SE", "ME"] = "SE", scale: int = 1, lr: float = 1e-3,
-                 weight_decay: float = 1e-6, embedding_init_std: float = 1e-4, fused_adam: bool = True):
+                 weight_decay: float = 1e-6, embedding_init_std: float = 1e-4, fused_adam: bool = True,
+                 sparse_embedding_grad: bool = True):
         super().__init__()
         if not field_dims:
             raise ConfigError("model.field_dims is empty: it is linked from the data spec (data.data_dir); "
@@ -77,7 +103,8 @@ class CTRModel(L.LightningModule):
         self.save_hyperparameters(logger=False)
         self.num_sets = scale if mode == "ME" else 1
         self.embed_dim = base_dim if mode == "ME" else base_dim * scale
-        self.embedding = SetEmbedding(field_dims, self.embed_dim, self.num_sets, embedding_init_std)
+        self.embedding = SetEmbedding(field_dims, self.embed_dim, self.num_sets, embedding_init_std,
+                                      sparse_embedding_grad)
         self.backbone = backbone(len(field_dims), self.embed_dim, self.num_sets)
         self.metrics = nn.ModuleDict({
             f"{stage}_{name}": metric
@@ -134,6 +161,13 @@ class CTRModel(L.LightningModule):
 
     def on_test_epoch_end(self):
         self._eval_epoch_end("test")
+
+    def setup(self, stage: str) -> None:
+        if self.trainer is not None and self.trainer.world_size > 1:
+            self.embedding.sparse_grad = False  # DDP all-reduces dense gradient buckets
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.embedding.densify_grad()
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
