@@ -281,3 +281,31 @@ def test_synth_prepares_cleanly(tmp_path, dataset, nfields):
         assert df["column_14"].str.len_chars().max() == 8  # C1: 8-char hex
     big = [c for c in s["vocabulary"].values()]
     assert max(big) > 10 * min(big)  # cardinalities vary widely, as in the real data
+
+
+def test_out_of_range_numeric_values_take_the_string_path(tmp_path):
+    """Integer fields map to dense codes for buckets in [-1024, 2047]; raw values below -1022 fall back to the string
+    dictionary. Both must give the naive reference's vocabulary and ids."""
+    lines = CRITEO_SAMPLE.read_text().splitlines(keepends=True)[:400]
+    for k, v in ((3, "-5000"), (7, "-5000"), (11, "-3000"), (13, "-1022"), (17, "-1023")):
+        parts = lines[k].split("\t")
+        parts[2] = v  # I2
+        lines[k] = "\t".join(parts)
+    src = tmp_path / "odd.txt"
+    src.write_text("".join(lines))
+    out = tmp_path / "out"
+    prepare(src, out, Options(dataset="criteo", progress=False, min_count=1))
+    rows, _ = naive_tokens(src, "criteo", "icml24")
+    vocabs = naive_vocab(rows, 1)
+    spec = json.loads((out / "spec.json").read_text())
+    assert [f["cardinality"] for f in spec["fields"]] == [len(v) + 1 for v in vocabs]
+    voc = pl.read_parquet(out / "vocab" / "I2.parquet")
+    got = dict(zip(voc["token"][1:], voc["id"][1:]))
+    assert got == vocabs[1] and {"-5002", "-3002", "-1024", "-1025"} <= set(got)
+    split = _split_labels(len(rows), 0)
+    for k, name in ((1, "valid"), (2, "test")):
+        want = np.array([[vocabs[j].get(rows[i][j], 0) for j in range(39)] for i in np.flatnonzero(split == k)])
+        assert np.array_equal(read_split(out, name).drop("label").to_numpy(), want)
+    train = read_split(out, "train").drop("label").to_numpy()
+    want = np.array([[vocabs[j].get(rows[i][j], 0) for j in range(39)] for i in np.flatnonzero(split == 0)])
+    assert sorted(map(tuple, train.tolist())) == sorted(map(tuple, want.tolist()))

@@ -347,10 +347,13 @@ def _prepare_into(src: Path, tmp: Path, fmt: RawFormat, opts: Options) -> dict:
 
     # pass 1: parse once; provisional ids from a growing per-field dictionary (polars Categories, in Rust), token counts
     # by bincount, rows spilled as provisional ids: valid/test in file order, train to a random bucket.
+    # polars keeps a Categories mapping alive only while a Categorical dtype object that names it is alive (the
+    # Categories handle alone is not enough), so `dtypes` is held until the vocabulary has been read back.
     run = uuid.uuid4().hex
     cats = [pl.Categories(f"recscale-{run}-{f}") for f in fields]
-    pid_exprs = [e.cast(pl.Categorical(c)).to_physical().alias(f) for e, c, f in
-                 zip(token_exprs(opts.dataset, opts.protocol), cats, fields)]
+    dtypes = [pl.Categorical(c) for c in cats]
+    pid_exprs = [e.cast(dt).to_physical().alias(f) for e, dt, f in
+                 zip(token_exprs(opts.dataset, opts.protocol), dtypes, fields)]
     counts = [np.zeros(0, np.int64) for _ in fields]
     spill = tmp / "_spill"
     spill.mkdir()
@@ -414,7 +417,7 @@ def _prepare_into(src: Path, tmp: Path, fmt: RawFormat, opts: Options) -> dict:
         luts.append(lut)
         cards[f] = voc.height
         voc.write_parquet(vocab_dir / f"{f}.parquet", compression="zstd", statistics=False)
-    del counts
+    del counts, dtypes
 
     # pass 2: remap spilled rows to final ids; train buckets are permuted and appended to the train shards
     schema = output_schema(fields)
