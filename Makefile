@@ -35,6 +35,7 @@ bench: install
 	$(PY) bench/prepare_bench.py
 	$(PY) bench/loader_bench.py
 	$(PY) bench/train_bench.py
+	$(PY) bench/diagnostics_bench.py
 
 clean-demo:
 	rm -rf $(DEMO_DATA)
