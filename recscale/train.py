@@ -3,7 +3,8 @@
 Recipe (ICML 2024 App. C.2): Adam lr 1e-3, weight decay 1e-6, batch 2048, early stopping on validation AUC with
 patience 3, the best checkpoint kept, and the test AUC of that checkpoint computed at the end of ``fit``.
 
-Tracking: every run logs to MLflow. The store is ``--tracking_uri``, else ``MLFLOW_TRACKING_URI``, else a SQLite store
+Tracking: every run logs to MLflow. The store is ``--trainer.logger.init_args.tracking_uri``, else
+``MLFLOW_TRACKING_URI``, else a SQLite store
 ``mlruns/mlflow.db`` with artifacts under ``mlruns/artifacts`` (no server needed; ``mlflow ui --backend-store-uri
 sqlite:///mlruns/mlflow.db`` shows the runs).
 """
@@ -23,12 +24,12 @@ import lightning as L
 import numpy as np
 import torch
 import yaml
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from jsonargparse import lazy_instance
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 
 from recscale.data.datamodule import CTRDataModule
 from recscale.data.formats import PrepareError
