@@ -61,6 +61,9 @@ class Looped(nn.Module):
         self.register_buffer("offsets", ref.embedding.offsets.clone())
         self.tables = nn.ModuleList(nn.Embedding(sum(dims), D) for _ in range(M))
         self.sets = nn.ModuleList(cls(len(dims), D, 1, **kwargs) for _ in range(M))
+        for s in self.sets:  # the straightforward CIN: materialise the (H x F, D) outer products
+            if hasattr(s, "cin"):
+                s.cin.naive = True
         with torch.no_grad():
             for m in range(M):
                 self.tables[m].weight.copy_(ref.embedding.weight[:, m * D : (m + 1) * D])

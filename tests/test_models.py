@@ -117,6 +117,19 @@ def test_cin_against_loop():
         torch.testing.assert_close(got[m, b], torch.cat(pooled), atol=1e-5, rtol=1e-5)
 
 
+def test_cin_fast_path_equals_outer_product_form():
+    torch.manual_seed(11)
+    cin = CIN(3, 5, [4, 6])
+    e = torch.randn(3, 7, 5, 4, requires_grad=True)
+    fast = cin(e)
+    cin.naive = True
+    slow = cin(e)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    (g1,) = torch.autograd.grad(fast.sum(), e)
+    (g2,) = torch.autograd.grad(slow.sum(), e)
+    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-5)
+
+
 def test_self_attention_against_loop():
     torch.manual_seed(4)
     att = SelfAttentionLayers(2, dim=3, layers=2, heads=2, att_dim=2)
