@@ -27,6 +27,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,14 +206,17 @@ def iter_parsed(path: Path, fmt: RawFormat, header: bool) -> Iterator[Block]:
 
 
 # ----------------------------------------------------------------------------------------------------------- vocab
-def build_vocab(counts: pl.DataFrame, min_count: int) -> pl.DataFrame:
-    """Ids by count descending, then token; id 0 is the field's OOV row (tokens seen fewer than min_count times)."""
+def build_vocab(counts: pl.DataFrame, min_count: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Ids by count descending, then token; id 0 is the field's OOV row (tokens seen fewer than min_count times).
+
+    Returns the vocabulary (token, count, id; OOV row first) and the kept rows in id order with any extra columns of
+    `counts` (e.g. provisional ids), so callers never sort twice."""
     kept = counts.filter(pl.col("count") >= min_count).sort(["count", "token"], descending=[True, False])
     oov = counts.filter(pl.col("count") < min_count)["count"].sum()
     kept = kept.with_columns(pl.int_range(1, kept.height + 1, dtype=pl.Int32).alias("id"))
     head = pl.DataFrame({"token": [None], "count": [oov]}, schema={"token": pl.String, "count": pl.Int64})
     head = head.with_columns(pl.lit(0, dtype=pl.Int32).alias("id"))
-    return pl.concat([head, kept.select("token", pl.col("count").cast(pl.Int64), "id")])
+    return pl.concat([head, kept.select("token", pl.col("count").cast(pl.Int64), "id")]), kept
 
 
 def encode_tokens(tokens: pl.DataFrame, vocabs: dict[str, pl.DataFrame]) -> pl.DataFrame:
@@ -296,6 +300,27 @@ def _split_labels(n: int, seed: int) -> np.ndarray:
     return labels
 
 
+@contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """Build a directory in a hidden sibling and move it into place only when the block succeeds; an existing `out`
+    is replaced only then. On any failure (Ctrl-C included) the partial directory is removed; after kill -9 it stays
+    hidden and incomplete (no spec.json), never at `out`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def prepare(input_path: str | Path, output: str | Path, opts: Options, overwrite: bool = False) -> dict:
     """Prepare one raw file; returns the summary dict (also printed by the CLI)."""
     t0 = time.perf_counter()
@@ -310,20 +335,8 @@ def prepare(input_path: str | Path, output: str | Path, opts: Options, overwrite
     for name, v in [("--shard-rows", opts.shard_rows), ("--row-group-rows", opts.row_group_rows)]:
         if v <= 0:
             raise PrepareError(f"{name} must be positive, got {v}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         summary = _prepare_into(src, tmp, fmt, opts)
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["output"] = str(out)
     return summary
@@ -410,8 +423,7 @@ def _prepare_into(src: Path, tmp: Path, fmt: RawFormat, opts: Options) -> dict:
         cnt = np.zeros(len(tokens), np.int64)
         cnt[: len(counts[j])] = counts[j][: len(tokens)]
         df = pl.DataFrame({"token": tokens.cast(pl.String), "count": cnt, "pid": np.arange(len(tokens), dtype=np.uint32)})
-        voc = build_vocab(df.select("token", "count"), min_count)
-        kept = df.filter(pl.col("count") >= min_count).sort(["count", "token"], descending=[True, False])
+        voc, kept = build_vocab(df, min_count)
         lut = np.zeros(max(len(tokens), 1), np.int32)
         lut[kept["pid"].to_numpy()] = np.arange(1, kept.height + 1, dtype=np.int32)
         luts.append(lut)
@@ -502,9 +514,7 @@ def encode_file(input_path: str | Path, data_dir: str | Path, output: str | Path
     vocabs = load_vocabs(Path(data_dir), fields)
     exprs = token_exprs(opts.dataset, opts.protocol)
     schema = output_schema(fields)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         w = ShardWriter(tmp / "data", schema, opts)
         rejected = 0
         with open(tmp / "rejected.tsv", "w") as rej:
@@ -519,10 +529,4 @@ def encode_file(input_path: str | Path, data_dir: str | Path, output: str | Path
             (Path(data_dir) / "spec.json").read_bytes()).hexdigest(), "rows": info["rows"], "rejected_rows": rejected,
             "files": info["files"]}
         (tmp / "encoded.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"rows": info["rows"], "rejected": rejected, "output": str(out)}

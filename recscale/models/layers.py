@@ -163,8 +163,8 @@ class CIN(nn.Module):
     sum-pooled over the embedding dimension and the layers are concatenated.  (M, B, F, D) -> (M, B, sum(layers)).
 
     Computed as ``sum_h' X^{k-1}_{h'} * (sum_f W_{h, h', f} X^0_f)``: the base embeddings are projected first, so the
-    (H x F, D) outer products are never materialised (same multiply-adds, 2.4x less memory at H = F = 39, H' = 16,
-    and about 4x faster on the CPU). ``naive=True`` keeps the textbook outer-product form (the benchmark baseline).
+    (H x F, D) outer products are never materialised (same multiply-adds, 2.4x less memory at H = F = 39, H' = 16;
+    see BENCHMARKS.md for the speed). ``naive=True`` keeps the textbook outer-product form (the benchmark baseline).
     """
 
     def __init__(self, sets: int, num_fields: int, layers: list[int] | tuple[int, ...] = (16, 16), naive: bool = False):
