@@ -100,10 +100,31 @@ def pair_indices(num_fields: int, device=None) -> tuple[Tensor, Tensor]:
     return torch.triu_indices(num_fields, num_fields, offset=1, device=device).unbind(0)
 
 
+class _UpperPairs(torch.autograd.Function):
+    """``(..., F, F) -> (..., F(F-1)/2)``: the entries above the diagonal, row-major. The gradient is written back with
+    a plain (non-accumulating) index_put, since every position occurs once; autograd's version of ``g[..., i, j]``
+    accumulates, which is a serial loop on the CPU (12 % of an IPNN ME 10x step)."""
+
+    @staticmethod
+    def forward(ctx, g: Tensor) -> Tensor:
+        F = g.shape[-1]
+        i, j = pair_indices(F, g.device)
+        flat = i * F + j
+        ctx.save_for_backward(flat)
+        ctx.shape = g.shape
+        return g.flatten(-2)[..., flat]
+
+    @staticmethod
+    def backward(ctx, gp: Tensor) -> Tensor:
+        (flat,) = ctx.saved_tensors
+        out = gp.new_zeros(*ctx.shape[:-2], ctx.shape[-2] * ctx.shape[-1])
+        out[..., flat] = gp
+        return out.view(ctx.shape)
+
+
 def inner_products(e: Tensor) -> Tensor:
     """IPNN product layer: ``p_ij = <e_i, e_j>`` for all i < j.  (M, B, F, D) -> (M, B, F(F-1)/2)."""
-    i, j = pair_indices(e.shape[2], e.device)
-    return torch.matmul(e, e.transpose(-1, -2))[..., i, j]
+    return _UpperPairs.apply(torch.matmul(e, e.transpose(-1, -2)))
 
 
 def fm_pairwise(e: Tensor) -> Tensor:
