@@ -4,8 +4,12 @@
 
 * IA + spectra pass over all 39 fields (1,086,810 rows) for SE 10x (D = 100) and ME 10x (10 sets x 10), random weights:
   recscale (one float64 Gram per field) vs `torch.linalg.svdvals` of every table (per set and concatenated).
-* RankMe of 50,000 x 390 and 50,000 x 3,900 matrices: Gram path (float64 as specified, and float32 products accumulated
-  in float64) vs `torch.linalg.svdvals`.
+* RankMe of 50,000 x 390 and 50,000 x 3,900 matrices: Gram path (float64 as specified, from triangular column blocks;
+  the plain float64 `X.T @ X`; float32 products accumulated in float64) vs `torch.linalg.svdvals`.
+* `--precision-study`: would a cheaper Gram do? float32 products and an int8 split with exact integer products
+  (Ozaki-style, 3 slices of 7 bits per column; `torch._int_mm`) against the float64 Gram, on three 50,000 x 3,900
+  matrices: the benchmark's, a collapsed one (rank 50 plus 1e-3 noise) and one with heavy-tailed row norms (like
+  per-sample gradients). Prints time and relative RankMe error.
 * The whole callback pass (IA, spectra, diversity, DCNv2 sub-embedding IA, RankMe of embeddings and gradients on
   50,000 rows, figures) as a fraction of one training epoch on the same data (DCNv2 ME 10x, 36.7M training rows,
   samples/s measured here).
@@ -55,11 +59,59 @@ def ia_spectra_svd(model):
     return out
 
 
+def gram_int8(x, k=3):
+    """X^T X from k int8 slices per column (power-of-two column scales, remainders times 128), exact int32 products
+    ``Q_a^T Q_b`` for a + b < k, summed in float64. Exact but for the split itself."""
+    n, d = x.shape
+    colmax = x.abs().amax(0)
+    scale = torch.exp2(torch.floor(torch.log2(127.0 / colmax.clamp_min(1e-30))))
+    qs = [torch.empty(n, d, dtype=torch.int8) for _ in range(k)]
+    rows = max(1, (1 << 19) // d)
+    for s0 in range(0, n, rows):
+        r = x[s0:s0 + rows] * scale
+        for a in range(k):
+            q = r.round()
+            qs[a][s0:s0 + rows] = q
+            r = (r - q) * 128.0
+    g = torch.zeros(d, d, dtype=torch.float64)
+    for a in range(k):
+        for b in range(a, k - a):
+            p = torch._int_mm(qs[a].T, qs[b]).double() * 128.0 ** -(a + b)
+            g += p if a == b else p + p.T
+    s = scale.double()
+    return g / (s[:, None] * s[None, :])
+
+
+def precision_study(n):
+    g = torch.Generator().manual_seed(2)
+    d = 3900
+    mats = {
+        "benchmark (columns scaled 1..1e-2)": torch.randn(n, d, generator=g) * torch.logspace(0, -2, d),
+        "collapsed (rank 50 + 1e-3 noise)": torch.randn(n, 50, generator=g) @ torch.randn(50, d, generator=g)
+        + 1e-3 * torch.randn(n, d, generator=g),
+        "heavy-tailed row norms (Pareto 1.5)": torch.randn(n, d, generator=g) * torch.logspace(0, -1, d)
+        * (torch.rand(n, 1, generator=g) ** (-1 / 1.5)),
+    }
+    for name, z in mats.items():
+        rk = lambda gram: mt.rankme(sigma=mt.spectrum_from_gram(gram))  # noqa: E731
+        t64, r64 = timed(lambda: rk(mt.xtx(z.double())))
+        t32, r32 = timed(lambda: rk((z.T @ z).double()))
+        t8, r8 = timed(lambda: rk(gram_int8(z)))
+        print(f"RankMe {n:,} x {d:,}, {name}: float64 {r64:.6g} ({t64:.2f} s) | float32 products rel. error "
+              f"{abs(r32 - r64) / r64:.1e} ({t32:.2f} s) | int8 x3 slices rel. error {abs(r8 - r64) / r64:.1e} "
+              f"({t8:.2f} s)", flush=True)
+        del z
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-svd-baseline", action="store_true")
     ap.add_argument("--sample-rows", type=int, default=50_000)
+    ap.add_argument("--precision-study", action="store_true", help="only the cheaper-Gram accuracy study")
     a = ap.parse_args()
+    if a.precision_study:
+        precision_study(a.sample_rows)
+        return
     torch.manual_seed(0)
     dims = criteo_reference_dims()
     print(f"{torch.get_num_threads()} threads; Criteo tables {sum(dims):,} rows x 39 fields")
@@ -78,8 +130,12 @@ def main():
     for d in (390, 3900):
         z = torch.randn(a.sample_rows, d, generator=g) * torch.logspace(0, -2, d)
         t64, r64 = timed(lambda: mt.rankme(z), repeat=1)
+        zd = z.double()
+        tfull, rfull = timed(lambda: mt.rankme(sigma=mt.spectrum_from_gram(zd.T @ zd)), repeat=1)
+        del zd
         t32, r32 = timed(lambda: mt.rankme(sigma=mt.spectrum_from_gram((z.T @ z).double())), repeat=1)
-        line = f"RankMe {a.sample_rows:,} x {d:,}: float64 Gram {t64:6.2f} s | float32 product {t32:6.2f} s " \
+        line = f"RankMe {a.sample_rows:,} x {d:,}: float64 Gram {t64:6.2f} s | plain float64 X.T @ X {tfull:6.2f} s " \
+               f"(x{tfull / t64:.2f}, |diff| {abs(r64 - rfull):.1e}) | float32 product {t32:6.2f} s " \
                f"(|diff| {abs(r64 - r32):.1e})"
         if not a.skip_svd_baseline:
             ts, s = timed(lambda: torch.linalg.svdvals(z))

@@ -52,6 +52,15 @@ def test_gram_path_matches_svd(shape):
     torch.testing.assert_close(got[big], want[big], rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("d", [511, 700, 1029])
+def test_blocked_gram_equals_full_product(d):
+    """``xtx`` builds X^T X from triangular column blocks (uneven last block included): equal to X.T @ X, symmetric."""
+    x = torch.randn(300, d, generator=torch.Generator().manual_seed(d), dtype=torch.float64)
+    g = mt.xtx(x)
+    torch.testing.assert_close(g, x.T @ x, rtol=1e-12, atol=1e-10)
+    assert torch.equal(g, g.T)
+
+
 def test_row_normalisation_and_centring_options():
     x = torch.tensor([[3.0, 0.0], [0.0, 1.0], [0.0, 2.0]])
     # raw: sigma = [3, sqrt(5)]; rows normalised: [[1,0],[0,1],[0,1]] -> sigma = [sqrt(2), 1]

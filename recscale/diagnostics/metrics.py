@@ -26,10 +26,26 @@ def _prep(x: Tensor, center: bool, normalize_rows: bool) -> Tensor:
     return x
 
 
+def xtx(x: Tensor, blocks: int = 8) -> Tensor:
+    """``X^T X`` of a float64 ``X`` (n, d) from its lower-triangular column blocks only, mirrored: BLAS's ``syrk``
+    without a torch binding. For d >= 512 this does about (b+1)/(2b) of the multiply-adds of ``X.T @ X`` (1.6x faster
+    at 50,000 x 3,900 on two cores, BENCHMARKS.md); the same products, summed in float64."""
+    d = x.shape[1]
+    if d < 512:
+        return x.T @ x
+    b = -(-d // blocks)
+    g = torch.empty(d, d, dtype=x.dtype, device=x.device)
+    for i in range(0, d, b):
+        blk = x[:, i:].T @ x[:, i:i + b]  # rows i.., columns i..i+b of the Gram
+        g[i:, i:i + b] = blk
+        g[i:i + b, i:] = blk.T
+    return g
+
+
 def singular_values(x: Tensor, *, center: bool = False, normalize_rows: bool = False) -> Tensor:
     """Singular values of ``x`` (n, d), descending, float64, via the smaller Gram matrix."""
     x = _prep(x, center, normalize_rows)
-    gram = x.T @ x if x.shape[0] >= x.shape[1] else x @ x.T
+    gram = xtx(x) if x.shape[0] >= x.shape[1] else xtx(x.T)
     ev = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0)
     return ev.sqrt()
 
@@ -93,7 +109,7 @@ def set_diversity(tables: list[Tensor]) -> float:
 def gram(x: Tensor, normalize_rows: bool = False) -> Tensor:
     """``X^T X`` in float64 (D x D): everything the sub-embedding IA of a linear projection of ``X`` needs."""
     x = _prep(x, center=False, normalize_rows=normalize_rows)
-    return x.T @ x
+    return xtx(x)
 
 
 def sub_embedding_ia(grams: list[Tensor], blocks: Tensor) -> Tensor:

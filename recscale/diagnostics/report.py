@@ -76,9 +76,9 @@ def _sample_grams(model, ids: Tensor, y: Tensor, opts: Options, want_grad: bool)
     def add(name, x):
         x = x.to(torch.float64)
         if name not in acc:
-            acc[name] = [x.T @ x, x.sum(0)]
+            acc[name] = [mt.xtx(x), x.sum(0)]
         else:
-            acc[name][0] += x.T @ x
+            acc[name][0] += mt.xtx(x)
             acc[name][1] += x.sum(0)
 
     try:
