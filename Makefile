@@ -34,7 +34,7 @@ test-all: install
 bench: install
 	$(PY) bench/prepare_bench.py
 	$(PY) bench/loader_bench.py
-	$(PY) bench/train_bench.py
+	$(PY) bench/train_bench.py --rounds 2
 	$(PY) bench/diagnostics_bench.py
 
 clean-demo:
