@@ -132,6 +132,26 @@ def test_fused_cross_matches_autograd_graph_and_gradcheck():
         torch.testing.assert_close(a, b)
 
 
+def test_cross_network_under_autocast():
+    """Mixed precision (bf16 autocast, as `--trainer.precision bf16-mixed`): the cross layers take autograd's graph,
+    whose backward follows autocast's casts, so values and gradients equal the textbook layer's."""
+    torch.manual_seed(7)
+    net = CrossNetwork(2, 6, layers=2)
+    x0 = torch.randn(2, 4, 6)
+    results = []
+    for naive in (False, True):
+        net.naive = naive
+        x = x0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x)
+        grads = torch.autograd.grad(out.float().sum(), [x, *net.parameters()])
+        results.append((out, grads))
+    (o1, g1), (o2, g2) = results
+    assert torch.isfinite(o1).all() and torch.equal(o1, o2)
+    for a, b in zip(g1, g2, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_shared_cross_layer_broadcasts_over_sets():
     """A 1-set (shared, Fig. 10c) cross network applied to M sets: every set goes through the same weights."""
     torch.manual_seed(6)

@@ -216,7 +216,9 @@ class CrossNetwork(nn.Module):
         self.naive = naive
 
     def forward(self, x0: Tensor) -> Tensor:
-        if self.naive or x0.dim() != 3 or self.layers[0].weight.shape[0] != x0.shape[0]:
+        # the fused Function keeps one dtype throughout: under autocast (mixed precision) autograd's graph is used
+        if (self.naive or x0.dim() != 3 or self.layers[0].weight.shape[0] != x0.shape[0]
+                or torch.is_autocast_enabled(x0.device.type)):
             x = x0
             for lin in self.layers:
                 x = x0 * lin(x) + x
