@@ -140,8 +140,8 @@ def bench_one(cls, mode, scale, dims, steps, B, device, compare=True, baseline_f
     noisy machine a contender's speed also depends on what ran before it in the process."""
     data = batches(dims, steps + 2, B)
     res = {"recscale": [], "baseline": []}
-    for r in range(rounds):
-        model, kw = make(cls, mode, scale, dims)
+    for _ in range(rounds):
+        model, _kw = make(cls, mode, scale, dims)
         model.to(device)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-6, fused=True)
         la, ta = train(model, opt, data, device, model.loss)
