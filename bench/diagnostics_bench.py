@@ -25,7 +25,7 @@ import torch
 
 from recscale.data.synth import criteo_reference_dims
 from recscale.diagnostics import metrics as mt
-from recscale.diagnostics.report import Options, compute_report, field_grams
+from recscale.diagnostics.compute import Options, compute_report, field_grams
 from recscale.models import backbones as bb
 from recscale.models.module import CTRModel
 

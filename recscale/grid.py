@@ -84,7 +84,8 @@ def data_fraction_cells(dataset, fractions, dims, seeds) -> list[Cell]:
 
 def cell_hash(cell: Cell, extra: list[str]) -> str:
     """The `config_hash` tag `recscale fit` would give this cell (resolved config, parsed without instantiating)."""
-    from recscale.train import config_hash, parse_fit_config, resolved_config
+    from recscale.tracking import config_hash, resolved_config
+    from recscale.train import parse_fit_config
 
     parser, cfg = parse_fit_config(cell.argv(extra))
     return config_hash(resolved_config(parser, cfg)[1])
@@ -103,7 +104,7 @@ def finished_hashes(tracking_uri: str, experiment: str) -> set[str]:
 
 def run_grid(cells: list[Cell], extra: list[str], jobs: int = 1, dry_run: bool = False, gpus: list[str] | None = None,
              tracking_uri: str | None = None, experiment: str = "recscale", log_dir: str = "outputs/grid") -> dict:
-    from recscale.train import default_tracking_uri
+    from recscale.tracking import default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri()
     done = finished_hashes(uri, experiment)
@@ -118,7 +119,7 @@ def run_grid(cells: list[Cell], extra: list[str], jobs: int = 1, dry_run: bool =
         for c in todo:
             print(f"  run   {c.name}: recscale {' '.join(c.argv(extra))}")
         return {"total": len(cells), "skipped": len(skipped), "ran": 0, "failed": []}
-    from recscale.train import ensure_experiment
+    from recscale.tracking import ensure_experiment
 
     ensure_experiment(uri, experiment)  # once, before cells start in parallel
     logs = Path(log_dir)

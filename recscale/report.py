@@ -216,7 +216,7 @@ def build_report(tracking_uri: str, experiment: str, dataset: str, output: str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from recscale.train import default_tracking_uri
+    from recscale.tracking import default_tracking_uri
 
     ap = argparse.ArgumentParser(prog="recscale report", description=__doc__.split("\n\n")[0])
     ap.add_argument("--experiment", default="recscale")

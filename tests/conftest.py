@@ -47,7 +47,7 @@ def avazu_dir(tmp_path_factory) -> Path:
 
 def make_prepared(path: Path, rows_per_shard: list[int], row_group: int, nfields: int = 3) -> Path:
     """A prepared directory whose field f0 holds the global row index (to check exactly-once delivery)."""
-    from recscale.data.prepare import output_schema
+    from recscale.data.formats import output_schema
 
     fields = [f"f{i}" for i in range(nfields)]
     schema = output_schema(fields)

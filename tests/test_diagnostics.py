@@ -8,7 +8,7 @@ import torch
 from conftest import ROOT
 
 from recscale.diagnostics import metrics as mt
-from recscale.diagnostics.report import Options, compute_report
+from recscale.diagnostics.compute import Options, compute_report
 from recscale.models import backbones as bb
 from recscale.models.module import CTRModel
 

@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT
 from mlflow.tracking import MlflowClient
 
-from recscale.train import AtomicCheckpointIO
+from recscale.checkpointing import AtomicCheckpointIO
 
 
 def recscale(args, tmp, store, extra_env=None, **kw):
@@ -113,7 +113,7 @@ def test_kill_during_checkpoint_save_keeps_the_previous_one(tmp_path):
     path = tmp_path / "last.ckpt"
     script = f"""
 import torch, sys
-from recscale.train import AtomicCheckpointIO
+from recscale.checkpointing import AtomicCheckpointIO
 io = AtomicCheckpointIO()
 io.save_checkpoint({{"version": 1, "w": torch.ones(3)}}, {str(path)!r})
 print("saved", flush=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import polars as pl
+import pyarrow as pa
 
 CRITEO_NUMERIC = [f"I{i}" for i in range(1, 14)]
 CRITEO_CATEGORICAL = [f"C{i}" for i in range(1, 27)]
@@ -89,3 +90,8 @@ def check_dataset_protocol(dataset: str, protocol: str) -> RawFormat:
     if protocol not in PROTOCOLS:
         raise PrepareError(f"unknown protocol {protocol!r} (--protocol): choose one of {', '.join(PROTOCOLS)}")
     return FORMATS[dataset]
+
+
+def output_schema(fields: list[str]) -> pa.Schema:
+    """The schema of every prepared shard: one non-null int32 id column per field, then the int8 label."""
+    return pa.schema([pa.field(f, pa.int32(), nullable=False) for f in fields] + [pa.field("label", pa.int8(), False)])

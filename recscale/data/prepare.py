@@ -39,7 +39,16 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from recscale import __version__
-from recscale.data.formats import MIN_COUNT, PrepareError, RawFormat, check_dataset_protocol, field_names, token_exprs
+from recscale.data.formats import (
+    MIN_COUNT,
+    PrepareError,
+    RawFormat,
+    check_dataset_protocol,
+    field_names,
+    output_schema,
+    token_exprs,
+)
+from recscale.data.spec import load_spec
 
 SPLITS = ("train", "valid", "test")
 SPEC_VERSION = 1
@@ -228,10 +237,6 @@ def encode_tokens(tokens: pl.DataFrame, vocabs: dict[str, pl.DataFrame]) -> pl.D
             tokens[name].replace_strict(ids["token"], ids["id"], default=0, return_dtype=pl.Int32).alias(name)
         )
     return pl.DataFrame(cols)
-
-
-def output_schema(fields: list[str]) -> pa.Schema:
-    return pa.schema([pa.field(f, pa.int32(), nullable=False) for f in fields] + [pa.field("label", pa.int8(), False)])
 
 
 # ----------------------------------------------------------------------------------------------------------- writing
@@ -498,8 +503,6 @@ def encode_file(input_path: str | Path, data_dir: str | Path, output: str | Path
     Rows keep their file order and are written to ``OUTPUT/data/part-NNNNN.parquet`` with the same schema; bad lines are
     reported in ``OUTPUT/rejected.tsv`` as in prepare.
     """
-    from recscale.data.spec import load_spec
-
     spec = load_spec(data_dir)
     opts = Options(dataset=spec["dataset"], protocol=spec["protocol"], progress=progress,
                    shard_rows=spec["options"]["shard_rows"], row_group_rows=spec["options"]["row_group_rows"],

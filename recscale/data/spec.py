@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recscale.data.formats import PrepareError
+from recscale.data.formats import PrepareError, output_schema
 
 
 class DataDirError(PrepareError):
@@ -36,8 +36,6 @@ def load_spec(data_dir: str | Path) -> dict:
 
 
 def expected_schema(spec: dict) -> pa.Schema:
-    from recscale.data.prepare import output_schema
-
     return output_schema([f["name"] for f in spec["fields"]])
 
 

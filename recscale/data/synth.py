@@ -15,7 +15,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from recscale.data.formats import AVAZU_COLUMNS, CRITEO_CATEGORICAL, CRITEO_NUMERIC, PrepareError
+from recscale.data.formats import (
+    AVAZU_COLUMNS,
+    CRITEO_CATEGORICAL,
+    CRITEO_NUMERIC,
+    PrepareError,
+)
 
 # Fraction of empty values per Criteo column (I1..I13, C1..C26), measured on data/criteo/sample.train (10,000 rows).
 CRITEO_MISSING = [0.448, 0.0, 0.204, 0.198, 0.049, 0.251, 0.049, 0.001, 0.049, 0.448, 0.049, 0.773, 0.198, 0.0, 0.0,

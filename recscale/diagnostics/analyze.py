@@ -34,9 +34,9 @@ def analyze(run_id: str | None = None, ckpt: str | None = None, data_dir: str | 
 
     from recscale.data.datamodule import CTRDataModule, sample_split
     from recscale.diagnostics.callback import log_report, write_report
-    from recscale.diagnostics.report import Options, compute_report
+    from recscale.diagnostics.compute import Options, compute_report
     from recscale.models.module import CTRModel
-    from recscale.train import default_tracking_uri
+    from recscale.tracking import default_tracking_uri
 
     if not run_id and not ckpt:
         raise PrepareError("pass --run RUN_ID or --ckpt PATH")

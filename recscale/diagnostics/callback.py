@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import MLFlowLogger
 
-from recscale.diagnostics.report import Options, Report, compute_report
+from recscale.diagnostics.compute import Options, Report, compute_report
 
 
 def write_report(report: Report, directory: Path) -> list[Path]:

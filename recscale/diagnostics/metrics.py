@@ -27,20 +27,22 @@ def _prep(x: Tensor, center: bool, normalize_rows: bool) -> Tensor:
 
 
 def xtx(x: Tensor, blocks: int = 8) -> Tensor:
-    """``X^T X`` of a float64 ``X`` (n, d) from its lower-triangular column blocks only, mirrored: BLAS's ``syrk``
-    without a torch binding. For d >= 512 this does about (blocks+1)/(2 blocks) of the multiply-adds of ``X.T @ X``
-    (the Gram of a 50,000 x 3,900 matrix in 4.6 s instead of about 7 s on two cores, BENCHMARKS.md); the same
-    products, summed in float64."""
+    """``X^T X`` of a float64 ``X`` (n, d), symmetric by construction: only the lower triangle is computed (from
+    lower-triangular column blocks, BLAS's ``syrk`` without a torch binding, for d >= 512) and the upper triangle is
+    its mirror, diagonal blocks included. A GEMM's diagonal block is not bitwise symmetric on every CPU (AVX2 vs
+    AVX-512 kernels sum in different orders), so mirroring is what makes ``g == g.T`` hold everywhere. For d >= 512
+    this does about (blocks+1)/(2 blocks) of the multiply-adds of ``X.T @ X`` (BENCHMARKS.md); the same products,
+    summed in float64."""
     d = x.shape[1]
     if d < 512:
-        return x.T @ x
-    b = -(-d // blocks)
-    g = torch.empty(d, d, dtype=x.dtype, device=x.device)
-    for i in range(0, d, b):
-        blk = x[:, i:].T @ x[:, i:i + b]  # rows i.., columns i..i+b of the Gram
-        g[i:, i:i + b] = blk
-        g[i:i + b, i:] = blk.T
-    return g
+        g = x.T @ x
+    else:
+        b = -(-d // blocks)
+        g = torch.zeros(d, d, dtype=x.dtype, device=x.device)
+        for i in range(0, d, b):
+            g[i:, i:i + b] = x[:, i:].T @ x[:, i:i + b]  # rows i.., columns i..i+b of the Gram (lower part)
+    lower = g.tril()
+    return lower + lower.tril(-1).T
 
 
 def singular_values(x: Tensor, *, center: bool = False, normalize_rows: bool = False) -> Tensor:

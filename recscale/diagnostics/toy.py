@@ -76,7 +76,7 @@ def toy_command(output: str = "outputs/toy", dim: int = 10, iterations: int = 50
     if mlflow_log:
         import mlflow
 
-        from recscale.train import default_tracking_uri
+        from recscale.tracking import default_tracking_uri
 
         mlflow.set_tracking_uri(default_tracking_uri())
         _ensure_experiment(mlflow, "toy")
@@ -92,7 +92,7 @@ def toy_command(output: str = "outputs/toy", dim: int = 10, iterations: int = 50
 
 
 def _ensure_experiment(mlflow, name: str) -> None:
-    from recscale.train import ensure_experiment
+    from recscale.tracking import ensure_experiment
 
     ensure_experiment(mlflow.get_tracking_uri(), name)
     mlflow.set_experiment(name)

@@ -1,16 +1,16 @@
 """Models: embedding sets + backbones (recscale.models.backbones) in one LightningModule (recscale.models.module)."""
 
 from recscale.models.backbones import (
-    CrossNet,
-    CrossNetParallel,
-    DCNv2,
-    DeepFM,
     DNN,
     FFM,
     FM,
     IPNN,
     NFM,
     AutoInt,
+    CrossNet,
+    CrossNetParallel,
+    DCNv2,
+    DeepFM,
     FinalMLP,
     LinearDeepFM,
     NFwFM,
