@@ -16,7 +16,10 @@ from recscale.models.backbones import (
     NFwFM,
     XDeepFM,
 )
+from recscale.models.dhen import DHEN
 from recscale.models.module import CTRModel
+from recscale.models.roblock import RoBlockNet
 
 __all__ = ["CTRModel", "DNN", "IPNN", "NFwFM", "XDeepFM", "DCNv2", "FinalMLP", "AutoInt", "FM", "DeepFM", "NFM",
-           "LinearDeepFM", "CrossNet", "CrossNetParallel", "FFM"]
+           "LinearDeepFM", "CrossNet", "CrossNetParallel", "FFM",
+           "DHEN", "RoBlockNet"]

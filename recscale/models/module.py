@@ -133,6 +133,9 @@ class CTRModel(L.LightningModule):
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss {loss.item()} at global step {self.global_step}")
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        aux = getattr(self.backbone, "aux_metrics", None)  # extra training terms (e.g. RoBlock's HSIC) as train/<name>
+        for name, value in (aux() if aux is not None else {}).items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=len(y))
         return loss
 
     def _eval_step(self, batch, stage: str) -> None:

@@ -1,0 +1,453 @@
+"""RoBlock (ICLR 2026 submission 23146; abstract in ../shared/papers/roblock-iclr26-abstract.txt), following the
+specification in ROBLOCK.md. No public code or numbers exist; every choice is tagged there as [stated] (the abstract or
+a review says it) or [ours] ("our reading" below).
+
+One block, order [stated] (Stabilize -> Decorrelate -> Regenerate, then a residual), interaction placement [ours]:
+
+    Z     = I_m(E_m)               set-specific interaction layer        (M, B, F, D)     [ours, Sec. 2.1]
+    Y     = R1UN(Z)                spectrum rebalancing                  (M, B, F, D)     [stated: component 1]
+    C     = Decouple(Y)            K components per field                (M, B, F, K, D)  [stated: component 2]
+            + loss beta * L_HSIC(C)                                                        [stated: HSIC, beta]
+    E'    = Route(Y, C)            M' regenerated sets, across fields    (M', B, F, D)    [stated: component 3]
+    E_out = E + alpha * E'         residual (E broadcast over M')        (M', B, F, D)    [stated; form ours]
+
+Every component can be switched off (``rebalance="none"``, ``decoupler="none"`` (K = 1, C = Y, no HSIC),
+``router="none"`` (E' = mean_k C_k), ``residual="fixed"`` (alpha = 1) or ``"none"`` (E_out = E')). With all off and
+M = 1 the stack is the plain backbone: ``interaction="cross"`` + fixed residual is DCNv2's cross network
+(``x_{l+1} = x_l + x_0 * (x_l W_l + b_l)``), ``"cin"`` + no residual is xDeepFM with ``cin_layers = [F] * L``,
+``"dhen"`` + no residual is DHEN (the tests check all three against the plain backbones).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as Fn
+from torch import Tensor, nn
+
+from recscale.models.dhen import MODULES, DHENLayer
+from recscale.models.hsic import decorrelation_penalty, kernel_hsic_pairs, linear_hsic_pairs
+from recscale.models.layers import SetLinear, Tower, flatten
+
+
+def _config_error(msg: str) -> Exception:
+    from recscale.models.backbones import ConfigError
+
+    return ConfigError(msg)
+
+
+# ------------------------------------------------------------------------------------- component 1: rebalancing
+class RankOneRebalance(nn.Module):
+    """Spectrum rebalancing by rank-1 update normalisation (R1UN), per set and field (ROBLOCK.md Sec. 2.2).
+
+    Our reading. For each (m, f), with ``X = Z_{m,f}`` the B x D batch matrix:
+
+    * power iteration (``n_power`` steps, persistent warm-start buffer, no gradient) on the D x D Gram ``G = X^T X``
+      gives the top right singular vector ``v`` and ``sigma_1^2 = v^T G v``;
+    * target ``tau = sqrt(max(||X||_F^2 - sigma_1^2, 0) / (D - 1))``, the RMS of the other singular values;
+    * rank-1 update ``Y = X P``, ``P = I + (tau / sigma_1 - 1) v v^T``: the top singular value becomes tau, every other
+      singular direction is unchanged;
+    * energy normalisation ``out = gamma (.) (rho Y)`` with ``rho = ||X||_F / ||Y||_F`` (exactly
+      ``||Y||_F^2 = ||X||_F^2 + (s^2 - 1) sigma_1^2`` for any unit v, s = tau / sigma_1) and a learnable gain gamma
+      (init 1).
+
+    v, s, rho are stop-gradient: the gradient flows linearly through X (as power-iteration spectral norm does). The
+    whole map is one (D x D) matrix ``T = rho P diag(gamma)`` per (m, f), so ``out = X T`` and the eval path is the same
+    code with BN-style running statistics (momentum mu): ``v_bar`` (EMA, sign-aligned, renormalised), ``s_bar``,
+    ``rho_bar`` (and the mean with ``center``). ``rank > 1`` is the rank-k update
+    ``P = I + V (diag(tau / sigma_i) - 1) V^T`` (block power iteration with QR; ``tau`` the RMS of the remaining D - k
+    values); ``rank = D`` is ZCA-like whitening. ``center=True`` works on ``X - 1 x_bar^T`` and adds x_bar back.
+    """
+
+    def __init__(self, sets: int, fields: int, dim: int, rank: int = 1, n_power: int = 1, momentum: float = 0.1,
+                 center: bool = False, eps: float = 1e-12):
+        super().__init__()
+        if not 1 <= rank <= dim:
+            raise _config_error(f"rebalance_rank must be in 1..D = {dim}, got {rank}")
+        if n_power < 1 or not 0 < momentum <= 1:
+            raise _config_error(f"n_power must be >= 1 and momentum in (0, 1], got {n_power}, {momentum}")
+        self.rank, self.n_power, self.momentum, self.center, self.eps = rank, n_power, momentum, center, eps
+        self.gain = nn.Parameter(torch.ones(sets, fields, dim))
+        v = torch.linalg.qr(torch.randn(sets, fields, dim, rank)).Q
+        self.register_buffer("v", v.clone())  # power-iteration warm start
+        self.register_buffer("running_v", v.clone())
+        self.register_buffer("running_s", torch.ones(sets, fields, rank))
+        self.register_buffer("running_rho", torch.ones(sets, fields))
+        self.register_buffer("running_mean", torch.zeros(sets, fields, dim))
+
+    def _orthonormal(self, V: Tensor) -> Tensor:  # (..., D, k)
+        return Fn.normalize(V, dim=-2) if self.rank == 1 else torch.linalg.qr(V).Q
+
+    @torch.no_grad()
+    def batch_statistics(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(V (M,F,D,k), s (M,F,k), rho (M,F), mean (M,F,D)) of a batch x (M, B, F, D); advances the power buffer."""
+        B, D = x.shape[1], x.shape[-1]
+        G = torch.einsum("mbfd,mbfe->mfde", x, x)  # (M, F, D, D)
+        mean = x.mean(1) if self.center else x.new_zeros(x.shape[0], x.shape[2], D)
+        if self.center:
+            G = G - B * mean.unsqueeze(-1) * mean.unsqueeze(-2)
+        V = self.v.to(x.dtype)
+        for _ in range(self.n_power):
+            V = self._orthonormal(torch.matmul(G, V))
+        self.v.copy_(V)
+        sig2 = (V * torch.matmul(G, V)).sum(-2).clamp_min(0)  # (M, F, k): sigma_i^2 = v_i^T G v_i
+        total = G.diagonal(dim1=-2, dim2=-1).sum(-1)  # ||X||_F^2
+        rest = D - self.rank
+        tau2 = ((total - sig2.sum(-1)).clamp_min(0) / rest) if rest > 0 else total / D
+        ok = sig2 > self.eps
+        s = torch.where(ok, (tau2.unsqueeze(-1) / sig2.clamp_min(self.eps)).sqrt(), torch.ones_like(sig2))
+        y2 = total + ((s.pow(2) - 1) * sig2).sum(-1)
+        rho = torch.where(y2 > self.eps, (total / y2.clamp_min(self.eps)).sqrt(), torch.ones_like(y2))
+        return V, s, rho, mean
+
+    @torch.no_grad()
+    def _update_running(self, V: Tensor, s: Tensor, rho: Tensor, mean: Tensor) -> None:
+        mu = self.momentum
+        sign = torch.sign((V * self.running_v).sum(-2, keepdim=True))
+        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+        self.running_v.copy_(self._orthonormal(torch.lerp(self.running_v, V * sign, mu)))
+        self.running_s.lerp_(s, mu)
+        self.running_rho.lerp_(rho, mu)
+        self.running_mean.lerp_(mean, mu)
+
+    def matrix(self, V: Tensor, s: Tensor, rho: Tensor) -> Tensor:
+        """``T = rho (I + V diag(s - 1) V^T) diag(gamma)``: (M, F, D, D)."""
+        D = V.shape[-2]
+        P = torch.eye(D, dtype=V.dtype, device=V.device) + torch.matmul(V * (s - 1).unsqueeze(-2), V.transpose(-1, -2))
+        return (rho[..., None, None] * P) * self.gain.unsqueeze(-2)
+
+    def forward(self, x: Tensor) -> Tensor:  # (M, B, F, D) -> (M, B, F, D)
+        if self.training:
+            V, s, rho, mean = self.batch_statistics(x)
+            self._update_running(V, s, rho, mean)
+        else:
+            V, s, rho, mean = self.running_v, self.running_s, self.running_rho, self.running_mean
+        T = self.matrix(V, s, rho)
+        if not self.center:
+            return torch.einsum("mbfd,mfde->mbfe", x, T)
+        m = mean.unsqueeze(1)  # (M, 1, F, D)
+        return torch.einsum("mbfd,mfde->mbfe", x - m, T) + m * self.gain.unsqueeze(1)
+
+
+# ------------------------------------------------------------------------------------- component 2: decoupler
+class Decoupler(nn.Module):
+    """HSIC-guided embedding decoupler: K components per field (ROBLOCK.md Sec. 2.3; the map is our reading).
+
+    ``linear`` (default): ``C_{m,f,k} = Y_{m,f} W_{m,f,k} + b_{m,f,k}``, one (D x K*D) map per (set, field) (or per set
+    with ``shared_fields``); ``act`` applies GELU. Linear keeps the rank-additivity argument (App. A.2 per R1).
+    ``orth_split``: ``W_{m,f} = exp(A - A^T)`` in SO(D), ``C_k = Y W P_k W^T`` with P_k selecting the k-th of K
+    coordinate blocks (``torch.tensor_split`` sizes), so ``sum_k C_k = Y`` and the components keep Y's spectrum.
+    (M, B, F, D) -> (M, B, F, K, D).
+    """
+
+    def __init__(self, sets: int, fields: int, dim: int, components: int, variant: str = "linear",
+                 shared_fields: bool = False, act: bool = False):
+        super().__init__()
+        if variant not in ("linear", "orth_split"):
+            raise _config_error(f"decoupler must be 'linear', 'orth_split' or 'none', got {variant!r}")
+        if variant == "orth_split" and components > dim:
+            raise _config_error(f"decoupler=orth_split needs components <= D = {dim}, got {components}")
+        self.K, self.variant, self.act = components, variant, act
+        Fw = 1 if shared_fields else fields
+        if variant == "linear":
+            bound = 1 / math.sqrt(dim)  # nn.Linear's init, per (set, field, component)
+            self.weight = nn.Parameter(torch.empty(sets, Fw, dim, components * dim).uniform_(-bound, bound))
+            self.bias = nn.Parameter(torch.empty(sets, 1, Fw, components * dim).uniform_(-bound, bound))
+        else:
+            self.skew = nn.Parameter(torch.randn(sets, Fw, dim, dim) * 0.01)
+            sizes = [len(b) for b in torch.arange(dim).tensor_split(components)]
+            mask = torch.zeros(components, dim)
+            start = 0
+            for k, n in enumerate(sizes):
+                mask[k, start : start + n] = 1
+                start += n
+            self.register_buffer("mask", mask, persistent=False)
+
+    def rotation(self) -> Tensor:  # (M, F, D, D) in SO(D)
+        return torch.linalg.matrix_exp(self.skew - self.skew.transpose(-1, -2))
+
+    def forward(self, y: Tensor) -> Tensor:
+        M, B, F, D = y.shape
+        if self.variant == "linear":
+            c = torch.einsum("mbfd,mfde->mbfe", y, self.weight.expand(M, F, -1, -1)) + self.bias
+            c = c.view(M, B, F, self.K, D)
+            return Fn.gelu(c) if self.act else c
+        W = self.rotation().expand(M, F, D, D)
+        r = torch.einsum("mbfd,mfde->mbfe", y, W)  # rotated coordinates
+        return torch.einsum("mbfkd,mfed->mbfke", r.unsqueeze(-2) * self.mask, W)
+
+
+# ------------------------------------------------------------------------------------- component 3: router
+class FieldRouter(nn.Module):
+    """Field-wise dynamic multi-head router: regenerates M' embedding sets from all components (ROBLOCK.md Sec. 2.4).
+
+    [stated]: field-wise, multi-head, dynamic, mixes across fields. The gating form is our reading. Candidates are all
+    components ``c = (m, f', k)`` (N = M F K); for output field f and head m':
+    ``g_{m',f} = softmax_c((ybar_f U_f + c_f)_{m'} / T)``, ``ybar_f = mean_m Y_{m,f}`` and
+    ``E'_{m',f} = sum_c g_{m',f,c} C_c``. Variants: ``within_field`` (candidates of field f only, N = M K),
+    ``static`` (input-independent logits ``c_f``; violates "dynamic", an ablation).
+    (M, B, F, D), (M, B, F, K, D) -> (M', B, F, D).
+    """
+
+    def __init__(self, sets: int, heads: int, fields: int, dim: int, components: int, variant: str = "dynamic",
+                 temperature: float = 1.0):
+        super().__init__()
+        if variant not in ("dynamic", "within_field", "static"):
+            raise _config_error(f"router must be 'dynamic', 'within_field', 'static' or 'none', got {variant!r}")
+        if temperature <= 0:
+            raise _config_error(f"router_temperature must be > 0, got {temperature}")
+        self.heads, self.variant, self.temperature = heads, variant, temperature
+        self.n = sets * components * (1 if variant == "within_field" else fields)
+        bound = 1 / math.sqrt(dim)
+        self.U = (nn.Parameter(torch.empty(fields, dim, heads * self.n).uniform_(-bound, bound))
+                  if variant != "static" else None)
+        self.c = nn.Parameter(torch.zeros(fields, heads * self.n))
+
+    def gates(self, y: Tensor) -> Tensor:  # (M, B, F, D) -> (B, F, M', N), rows sum to 1
+        B, F = y.shape[1], y.shape[2]
+        if self.U is None:
+            logits = self.c.expand(B, -1, -1)
+        else:
+            logits = torch.baddbmm(self.c.unsqueeze(1), y.mean(0).transpose(0, 1), self.U).transpose(0, 1)
+        return torch.softmax(logits.view(B, F, self.heads, self.n) / self.temperature, -1)
+
+    def forward(self, y: Tensor, c: Tensor) -> Tensor:
+        M, B, F, K, D = c.shape
+        g = self.gates(y)
+        if self.variant == "within_field":
+            cand = c.permute(1, 2, 0, 3, 4).reshape(B, F, M * K, D)  # candidate n = m K + k of field f
+            out = torch.matmul(g, cand)  # (B, F, M', D)
+        else:
+            cand = c.permute(1, 0, 2, 3, 4).reshape(B, M * F * K, D)  # candidate n = (m F + f') K + k
+            out = torch.matmul(g.view(B, F * self.heads, self.n), cand).view(B, F, self.heads, D)
+        return out.permute(2, 0, 1, 3)
+
+
+# ------------------------------------------------------------------------------------- interaction slot
+class CINLayer(nn.Module):
+    """One xDeepFM CIN layer with H = F maps, so it maps (M, B, F, D) to (M, B, F, D):
+    ``X'_h = ReLU(sum_{h', f} W_{h, h', f} (X_{h'} * X0_f) + b_h)`` (weights laid out as ``layers.CIN``: row h' F + f of
+    a ``SetLinear(sets, F * F, F)``)."""
+
+    def __init__(self, sets: int, fields: int):
+        super().__init__()
+        self.conv = SetLinear(sets, fields * fields, fields)
+
+    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+        M, B, F, D = x0.shape
+        S, HF, H = self.conv.weight.shape
+        W = self.conv.weight.view(S, HF // F, F, H).transpose(1, 2).reshape(S, F, -1)
+        A = torch.matmul(x0.transpose(2, 3).reshape(M, B * D, F), W).view(M, B, D, HF // F, H)
+        out = (x.transpose(2, 3).unsqueeze(-1) * A).sum(-2) + self.conv.bias.view(S, 1, 1, H)  # (M, B, D, H)
+        return torch.relu(out).transpose(2, 3)
+
+
+class Interaction(nn.Module):
+    """The per-set interaction layer I_m of a block (ROBLOCK.md Sec. 2.1, our reading): ``(x, x0) -> z``, all
+    (M, B, F, D). ``cross``: ``vec(z) = vec(x0) * (vec(x) W + b)`` (DCNv2's cross term; its ``+ x`` is the block
+    residual); ``cin``: one CIN layer with F maps; ``dhen``: one DHEN layer; ``mlp``: ``vec(z) = ReLU(vec(x) W + b)``;
+    ``none``: ``z = x``."""
+
+    def __init__(self, kind: str, sets: int, fields: int, dim: int, dhen_modules: list[str], dhen_shortcut: bool):
+        super().__init__()
+        if kind not in ("cross", "cin", "dhen", "mlp", "none"):
+            raise _config_error(f"interaction must be one of cross, cin, dhen, mlp, none; got {kind!r}")
+        self.kind = kind
+        if kind in ("cross", "mlp"):
+            self.layer = SetLinear(sets, fields * dim, fields * dim)
+        elif kind == "cin":
+            self.layer = CINLayer(sets, fields)
+        elif kind == "dhen":
+            self.layer = DHENLayer(sets, fields, dim, dhen_modules, shortcut=dhen_shortcut)
+        else:
+            self.layer = None
+
+    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+        if self.kind == "cross":
+            return (flatten(x0) * self.layer(flatten(x))).view(x.shape)
+        if self.kind == "mlp":
+            return torch.relu(self.layer(flatten(x))).view(x.shape)
+        if self.kind in ("cin", "dhen"):
+            return self.layer(x, x0)
+        return x
+
+
+# ------------------------------------------------------------------------------------- the block
+class RoBlock(nn.Module):
+    """One RoBlock (module docstring): ``(x, x0) -> (E_out (M', B, F, D), L_HSIC or None)``.
+
+    ``hsic`` is the block term ``mean over m, f and pairs k < j of nHSIC(C_{m,f,k}, C_{m,f,j})`` (linear kernel, per
+    field), or with ``hsic_kernel="gaussian"`` the same over the flattened (B, F*D) components per set (rows subsampled
+    to ``hsic_subsample``), or ``"decorrelation"`` the surrogate; ``hsic_across_sets`` adds the pairs between sets.
+    It is computed only when ``want_hsic`` (training).
+    """
+
+    def __init__(self, sets: int, heads: int, fields: int, dim: int, interaction: str = "cross",
+                 rebalance: str = "rank1", rebalance_rank: int = 1, n_power: int = 1, momentum: float = 0.1,
+                 prenorm: bool = False, decoupler: str = "linear", components: int = 4,
+                 share_decoupler_across_fields: bool = False, decoupler_act: bool = False, router: str = "dynamic",
+                 router_temperature: float = 1.0, residual: str = "learnable", hsic_kernel: str = "linear",
+                 hsic_estimator: str = "biased", hsic_normalized: bool = True, hsic_subsample: int = 1024,
+                 hsic_across_sets: bool = False, dhen_modules: list[str] = list(MODULES),
+                 dhen_shortcut: bool = True):
+        super().__init__()
+        if rebalance not in ("rank1", "center", "none"):
+            raise _config_error(f"rebalance must be 'rank1', 'center' or 'none', got {rebalance!r}")
+        if residual not in ("learnable", "fixed", "none"):
+            raise _config_error(f"residual must be 'learnable', 'fixed' or 'none', got {residual!r}")
+        if hsic_kernel not in ("linear", "gaussian", "decorrelation"):
+            raise _config_error(f"hsic_kernel must be 'linear', 'gaussian' or 'decorrelation', got {hsic_kernel!r}")
+        if hsic_estimator not in ("biased", "unbiased"):
+            raise _config_error(f"hsic_estimator must be 'biased' or 'unbiased', got {hsic_estimator!r}")
+        if hsic_estimator == "unbiased" and hsic_kernel != "gaussian":
+            raise _config_error("hsic_estimator=unbiased needs hsic_kernel=gaussian (the linear form is the biased "
+                                "cross-covariance estimator): set hsic_kernel: gaussian or hsic_estimator: biased")
+        if components < 1:
+            raise _config_error(f"components (K) must be >= 1, got {components}")
+        if heads != sets and sets != 1:
+            raise _config_error(f"router heads M' = {heads} must equal the number of input sets M = {sets} "
+                                "(or M = 1): the residual broadcasts E over the heads")
+        if router == "none" and heads != sets:
+            raise _config_error("router=none keeps the M input sets: heads must equal the number of sets")
+        self.sets, self.heads, self.residual = sets, heads, residual
+        self.hsic_kernel, self.hsic_estimator, self.hsic_normalized = hsic_kernel, hsic_estimator, hsic_normalized
+        self.hsic_subsample, self.hsic_across_sets = hsic_subsample, hsic_across_sets
+        self.prenorm = prenorm
+        self.interaction = Interaction(interaction, sets, fields, dim, dhen_modules, dhen_shortcut)
+        center = rebalance == "center"
+        self.rebalance = (RankOneRebalance(sets, fields, dim, rebalance_rank, n_power, momentum, center)
+                          if rebalance != "none" else None)
+        self.decoupler = (Decoupler(sets, fields, dim, components, decoupler, share_decoupler_across_fields,
+                                    decoupler_act) if decoupler != "none" else None)
+        K = components if self.decoupler is not None else 1
+        self.router = (FieldRouter(sets, heads, fields, dim, K, router, router_temperature)
+                       if router != "none" else None)
+        self.alpha = nn.Parameter(torch.ones(())) if residual == "learnable" else None
+
+    def hsic(self, c: Tensor) -> Tensor:  # (M, B, F, K, D) -> scalar
+        M, B, F, K, D = c.shape
+        if self.hsic_across_sets:
+            c = c.permute(1, 2, 0, 3, 4).reshape(1, B, F, M * K, D)
+        if self.hsic_kernel == "linear":
+            return linear_hsic_pairs(c.transpose(1, 2), self.hsic_normalized).mean()  # (M, F, B, K, D) batches
+        if self.hsic_kernel == "decorrelation":
+            return decorrelation_penalty(c.transpose(1, 2)).mean()
+        n = min(B, self.hsic_subsample)
+        flat = c[:, :n].permute(0, 1, 3, 2, 4).reshape(c.shape[0], n, c.shape[3], F * D)  # (M, n, K, F*D)
+        return kernel_hsic_pairs(flat, self.hsic_estimator, self.hsic_normalized).mean()
+
+    def forward(self, x: Tensor, x0: Tensor, want_hsic: bool = False,
+                hsic_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+        if self.prenorm and self.rebalance is not None:
+            y = self.interaction(self.rebalance(x), x0)
+        else:
+            z = self.interaction(x, x0)
+            y = self.rebalance(z) if self.rebalance is not None else z
+        c = self.decoupler(y) if self.decoupler is not None else y.unsqueeze(-2)  # (M, B, F, K, D)
+        h = None
+        if want_hsic and c.shape[-2] * (c.shape[0] if self.hsic_across_sets else 1) > 1:
+            with torch.set_grad_enabled(hsic_grad and torch.is_grad_enabled()):
+                h = self.hsic(c)
+        e_new = self.router(y, c) if self.router is not None else c.mean(-2)  # (M', B, F, D)
+        if self.residual == "none":
+            return e_new, h
+        return (x + e_new if self.alpha is None else x + self.alpha * e_new), h
+
+
+# ------------------------------------------------------------------------------------- the backbone
+class RoBlockNet(nn.Module):
+    """A stack of L RoBlocks on the field embeddings, then the project's head (ROBLOCK.md Secs. 2.5, 2.6).
+
+    ``logit = Tower(vec(E^{(L)}))`` (the ME head of ICML 2024 App. C.2: per-set projection, mean over sets, shared
+    layers); with ``interaction="cin"`` the xDeepFM head instead:
+    ``logit = w . mean_m [sum_D E^{(1)}, ..., sum_D E^{(L)}] + Tower(vec(e))``. The loss gains
+    ``beta * sum_l L_HSIC^{(l)}`` (``hsic_reduction="mean"`` averages over blocks) through ``regularization()``;
+    ``aux_metrics()`` returns the unweighted term as ``hsic`` (logged as ``train/hsic``). With ``beta = 0`` the term is
+    still computed, without gradient, for the log (``log_hsic=False`` skips it).
+
+    Width = the number of embedding sets M (``model.mode: ME``, ``model.scale: M``); ``heads`` M' (None: M' = M)
+    regenerates M' sets in every block; with M = 1 and M' > 1, the first block turns one table into M' sets.
+    ``x0_source``: the cross/CIN/DHEN ``x0`` of block l is the input embeddings (``input``) or the previous block's
+    output (``regenerated``, as SFG does). Other arguments: see ``RoBlock`` and ROBLOCK.md Sec. 2.6.
+    """
+
+    def __init__(self, num_fields: int, dim: int, num_sets: int, interaction: Literal["cross", "cin", "dhen", "mlp",
+                 "none"] = "cross", blocks: int = 4, heads: int | None = None, components: int = 4,
+                 beta: float = 0.1, hsic_reduction: Literal["sum", "mean"] = "sum", log_hsic: bool = True,
+                 rebalance: Literal["rank1", "center", "none"] = "rank1", rebalance_rank: int = 1,
+                 n_power: int = 1, momentum: float = 0.1, prenorm: bool = False,
+                 decoupler: Literal["linear", "orth_split", "none"] = "linear",
+                 share_decoupler_across_fields: bool = False, decoupler_act: bool = False,
+                 router: Literal["dynamic", "within_field", "static", "none"] = "dynamic",
+                 router_temperature: float = 1.0, residual: Literal["learnable", "fixed", "none"] = "learnable",
+                 hsic_kernel: Literal["linear", "gaussian", "decorrelation"] = "linear",
+                 hsic_estimator: Literal["biased", "unbiased"] = "biased", hsic_normalized: bool = True,
+                 hsic_subsample: int = 1024, hsic_across_sets: bool = False,
+                 x0_source: Literal["input", "regenerated"] = "input", dhen_modules: list[str] = list(MODULES),
+                 dhen_shortcut: bool = True, hidden: list[int] = [400, 400], dropout: float = 0.2):
+        super().__init__()
+        if blocks < 1:
+            raise _config_error(f"blocks (depth L) must be >= 1, got {blocks}")
+        if beta < 0:
+            raise _config_error(f"beta must be >= 0, got {beta}")
+        if hsic_reduction not in ("sum", "mean"):
+            raise _config_error(f"hsic_reduction must be 'sum' or 'mean', got {hsic_reduction!r}")
+        if x0_source not in ("input", "regenerated"):
+            raise _config_error(f"x0_source must be 'input' or 'regenerated', got {x0_source!r}")
+        H = heads or num_sets
+        self.beta, self.hsic_reduction, self.log_hsic, self.x0_source = beta, hsic_reduction, log_hsic, x0_source
+        self.interaction = interaction
+        kw = dict(interaction=interaction, rebalance=rebalance, rebalance_rank=rebalance_rank, n_power=n_power,
+                  momentum=momentum, prenorm=prenorm, decoupler=decoupler, components=components,
+                  share_decoupler_across_fields=share_decoupler_across_fields, decoupler_act=decoupler_act,
+                  router=router, router_temperature=router_temperature, residual=residual, hsic_kernel=hsic_kernel,
+                  hsic_estimator=hsic_estimator, hsic_normalized=hsic_normalized, hsic_subsample=hsic_subsample,
+                  hsic_across_sets=hsic_across_sets, dhen_modules=dhen_modules, dhen_shortcut=dhen_shortcut)
+        self.blocks = nn.ModuleList(RoBlock(num_sets if l == 0 else H, H, num_fields, dim, **kw)
+                                    for l in range(blocks))
+        self.out_sets = H
+        if interaction == "cin":
+            self.cin_out = nn.Linear(blocks * num_fields, 1)
+            self.tower = Tower(num_sets, num_fields * dim, hidden, dropout)
+        else:
+            self.tower = Tower(H, num_fields * dim, hidden, dropout)
+        self._hsic: list[Tensor] = []
+
+    def layer_outputs(self, e: Tensor) -> list[Tensor]:  # L x (M', B, F, D): each block's output E^{(l)}
+        want = self.training and torch.is_grad_enabled() and (self.beta > 0 or self.log_hsic)
+        self._hsic = []
+        x, x0, outs = e, e, []
+        for block in self.blocks:
+            x, h = block(x, x0, want, hsic_grad=self.beta > 0)  # beta = 0: logged only, no graph kept
+            if h is not None:
+                self._hsic.append(h)
+            if self.x0_source == "regenerated":
+                x0 = x
+            outs.append(x)
+        return outs
+
+    def hsic_total(self) -> Tensor | None:
+        """The unweighted HSIC term of the last training forward, summed (or averaged) over blocks; None if none."""
+        if not self._hsic:
+            return None
+        t = torch.stack(self._hsic)
+        return t.sum() if self.hsic_reduction == "sum" else t.mean()
+
+    def regularization(self) -> Tensor:
+        t = self.hsic_total()
+        if t is None or self.beta == 0:
+            return self.tower.out.weight.new_zeros(())
+        return self.beta * t
+
+    def aux_metrics(self) -> dict[str, Tensor]:
+        t = self.hsic_total()
+        return {} if t is None else {"hsic": t.detach()}
+
+    def forward(self, e: Tensor) -> Tensor:
+        outs = self.layer_outputs(e)
+        if self.interaction == "cin":
+            pooled = torch.cat([x.sum(-1) for x in outs], -1).mean(0)  # (B, L*F)
+            return self.cin_out(pooled).squeeze(-1) + self.tower(flatten(e))
+        return self.tower(flatten(outs[-1]))
