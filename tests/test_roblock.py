@@ -1,0 +1,412 @@
+"""RoBlock (ROBLOCK.md Sec. 2.8, E6) and DHEN: component properties, numerics against naive per-set loops, the
+all-off reduction to the plain backbones, the HSIC loss/log hooks, and the RoBlock grids."""
+
+import copy
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+from recscale.diagnostics.metrics import information_abundance
+from recscale.models import DHEN, DCNv2, RoBlockNet, XDeepFM
+from recscale.models.backbones import ConfigError
+from recscale.models.dhen import DHENLayer
+from recscale.models.hsic import (
+    gaussian_gram,
+    hsic_biased,
+    hsic_unbiased,
+    kernel_hsic_pairs,
+    linear_hsic_pairs,
+)
+from recscale.models.roblock import Decoupler, FieldRouter, RankOneRebalance, RoBlock
+
+
+def dominant(B=2048, D=10, M=1, F=1, seed=0) -> torch.Tensor:
+    """(M, B, F, D) batches with one dominant direction (a shared mean offset, as uncentred embeddings have)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, B, F, D, generator=g) * torch.linspace(1.0, 0.5, D)
+    return x + 6.0 * torch.randn(M, 1, F, D, generator=g)
+
+
+def slice_sets(single: torch.nn.Module, batched: torch.nn.Module, m: int) -> None:
+    """Copy set m of every parameter/buffer with a leading set axis of `batched` into the 1-set module `single`."""
+    src = dict(batched.state_dict())
+    with torch.no_grad():
+        for k, v in single.state_dict().items():
+            s = src[k]
+            v.copy_(s[m : m + 1] if s.shape != v.shape else s)
+
+
+# ---------------------------------------------------------------------------------------------- R1UN
+def test_rebalance_moves_the_top_singular_value_to_tau_and_leaves_the_others():
+    x = dominant()
+    r = RankOneRebalance(1, 1, 10, n_power=30)  # converged power iteration: v = top right singular vector
+    y = r(x)
+    sx = torch.linalg.svdvals(x[0, :, 0].double())
+    sy = torch.linalg.svdvals(y[0, :, 0].double())
+    tau = math.sqrt((sx.pow(2).sum() - sx[0] ** 2).item() / 9)
+    rho = r.running_rho.item() / 0.1 - 0.9 / 0.1  # running = 0.9 * 1 + 0.1 * rho after one step
+    expected = torch.sort(torch.cat([torch.tensor([tau], dtype=torch.float64), sx[1:]]), descending=True).values
+    # fp32 batch of 2048 rows: singular values carry ~1e-6 relative rounding; power iteration converged to ~1e-7
+    torch.testing.assert_close(sy, rho * expected, rtol=1e-4, atol=0)
+    assert sx[0] / sx[1] > 5 and sy.max() / sy.min() < sx.max() / sx.min() / 5  # the dominant direction is gone
+    # energy preserved (gain = 1) and IA does not decrease
+    torch.testing.assert_close(y.pow(2).sum(), x.pow(2).sum(), rtol=1e-5, atol=0)
+    assert information_abundance(y[0, :, 0]) > information_abundance(x[0, :, 0]) * 2
+
+
+def test_rebalance_rank_k_and_center_options():
+    x = dominant(D=8, seed=1)
+    y = RankOneRebalance(1, 1, 8, rank=2, n_power=30)(x)
+    sx, sy = (torch.linalg.svdvals(t[0, :, 0].double()) for t in (x, y))
+    # the two top values move to tau (the RMS of the other 6); the rest keep their ratios
+    tau = math.sqrt((sx[2:].pow(2).sum() / 6).item())
+    ratio = sy / torch.sort(torch.cat([torch.full((2,), tau, dtype=torch.float64), sx[2:]]), descending=True).values
+    torch.testing.assert_close(ratio, ratio.mean().expand(8), rtol=1e-4, atol=0)
+    yc = RankOneRebalance(1, 1, 8, center=True, n_power=30)(x)
+    xc, ycc = x - x.mean(1, keepdim=True), yc - yc.mean(1, keepdim=True)
+    s1, s2 = torch.linalg.svdvals(xc[0, :, 0].double()), torch.linalg.svdvals(ycc[0, :, 0].double())
+    assert s2[0] / s2[-1] < s1[0] / s1[-1]  # the covariance spectrum is flatter
+    torch.testing.assert_close(yc.mean(1), x.mean(1), rtol=1e-4, atol=1e-4)  # the mean is added back
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_rebalance_eval_is_the_train_path_with_frozen_statistics(center):
+    x = dominant(M=2, F=3, D=6, B=512)
+    r = RankOneRebalance(2, 3, 6, momentum=1.0, center=center)  # momentum 1: running stats = this batch's
+    with torch.no_grad():
+        r.gain.uniform_(0.5, 1.5)
+    y_train = r(x)
+    r.eval()
+    buffers = {k: v.clone() for k, v in r.named_buffers()}
+    y_eval = r(x)
+    # same map (D x D per field) from the same numbers; only the renormalisation of the stored vector rounds
+    # (~1e-7 relative), so the difference is bounded relative to the output's scale (|y| up to ~20 here)
+    torch.testing.assert_close(y_eval, y_train, rtol=0, atol=1e-5 * y_train.abs().max().item())
+    assert all(torch.equal(v, buffers[k]) for k, v in r.named_buffers())  # eval leaves the statistics alone
+    # and with a small momentum the eval path is a fixed linear map of the running statistics
+    r2 = RankOneRebalance(2, 3, 6, momentum=0.1)
+    for s in range(3):
+        r2(dominant(M=2, F=3, D=6, B=512, seed=s))
+    r2.eval()
+    T = r2.matrix(r2.running_v, r2.running_s, r2.running_rho)
+    torch.testing.assert_close(r2(x), torch.einsum("mbfd,mfde->mbfe", x, T))
+
+
+# ---------------------------------------------------------------------------------------------- HSIC
+def test_linear_hsic_trace_form_equals_cross_covariance_form():
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(3, 200, 4, 5, generator=g, dtype=torch.float64)  # (batch, n, K, D)
+    c[..., 1, :] += 0.7 * c[..., 0, :]
+    fast = linear_hsic_pairs(c, normalized=False)  # (3, 6)
+    i, j = torch.triu_indices(4, 4, 1)
+    grams = c.movedim(-2, -3) @ c.movedim(-2, -3).transpose(-1, -2)  # (3, K, n, n) linear kernels
+    trace = hsic_biased(grams[:, i], grams[:, j])
+    torch.testing.assert_close(fast, trace, rtol=1e-10, atol=0)  # float64, same sums in another order
+    cka = linear_hsic_pairs(c)
+    self_h = hsic_biased(grams, grams)
+    torch.testing.assert_close(cka, trace / (self_h[:, i] * self_h[:, j]).sqrt(), rtol=1e-10, atol=0)
+
+
+def test_hsic_is_near_zero_for_independent_and_positive_for_dependent_inputs():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(4000, 5, generator=g)
+    b = torch.randn(4000, 5, generator=g)
+    dep = a @ torch.randn(5, 5, generator=g) + 0.3 * torch.randn(4000, 5, generator=g)
+    indep_c, dep_c = torch.stack([a, b], 1), torch.stack([a, dep], 1)  # (n, K=2, D)
+    # CKA of independent samples is O(D / n) = ~1e-3 here; dependent ones are near 1
+    assert linear_hsic_pairs(indep_c).item() < 0.01 and linear_hsic_pairs(dep_c).item() > 0.5
+    small_i, small_d = indep_c[:500], torch.stack([a[:500], torch.tanh(a[:500]) ** 2], 1)  # non-linear dependence
+    gi, gd = kernel_hsic_pairs(small_i).item(), kernel_hsic_pairs(small_d).item()
+    # the biased normalised estimate of independent samples is O(1/n) > 0; the dependent one is ~7x larger here
+    assert gi < 0.03 and gd > 0.1 and gd > 4 * gi
+    # tanh(a)^2 is uncorrelated with a: the linear kernel sees (almost) nothing, the Gaussian one does
+    assert linear_hsic_pairs(small_d).item() < gd / 4
+    ui, ud = kernel_hsic_pairs(small_i, "unbiased").item(), kernel_hsic_pairs(small_d, "unbiased").item()
+    assert abs(ui) < 0.005 and ud > 0.1  # the unbiased one has no O(1/n) offset
+
+
+def test_unbiased_estimator_mean_over_draws():
+    """Linear kernel, A ~ N(0, I), C = A W + N(0, I): population HSIC = ||Cov(A, C)||_F^2 = ||W||_F^2. Over 400 draws of
+    n = 12 the unbiased estimator's mean is within 4 standard errors of it; the biased one is off by more."""
+    g = torch.Generator().manual_seed(2)
+    W = torch.tensor([[0.6, 0.0], [0.3, -0.5]], dtype=torch.float64)
+    truth = W.pow(2).sum().item()
+    n, draws = 12, 400
+    a = torch.randn(draws, n, 2, generator=g, dtype=torch.float64)
+    c = a @ W + torch.randn(draws, n, 2, generator=g, dtype=torch.float64)
+    K, L = a @ a.transpose(1, 2), c @ c.transpose(1, 2)
+    u, b = hsic_unbiased(K, L), hsic_biased(K, L)
+    se = u.std().item() / math.sqrt(draws)
+    assert abs(u.mean().item() - truth) < 4 * se
+    assert abs(b.mean().item() - truth) > 4 * b.std().item() / math.sqrt(draws)
+    # Gaussian kernel (fixed bandwidth), independent inputs: population HSIC 0
+    x, y = (torch.randn(draws, n, 2, generator=g, dtype=torch.float64) for _ in range(2))
+    Kx, Ky = gaussian_gram(x, sigma=1.0), gaussian_gram(y, sigma=1.0)
+    ug, bg = hsic_unbiased(Kx, Ky), hsic_biased(Kx, Ky)
+    assert abs(ug.mean().item()) < 4 * ug.std().item() / math.sqrt(draws)
+    assert bg.mean().item() > 4 * bg.std().item() / math.sqrt(draws)
+
+
+# ---------------------------------------------------------------------------------------------- router
+@pytest.mark.parametrize("variant", ["dynamic", "within_field", "static"])
+def test_router_gates_sum_to_one_and_match_a_naive_loop(variant):
+    torch.manual_seed(0)
+    M, H, B, F, K, D = 2, 3, 16, 4, 2, 5
+    r = FieldRouter(M, H, F, D, K, variant)
+    with torch.no_grad():
+        r.c.normal_()
+    y, c = torch.randn(M, B, F, D), torch.randn(M, B, F, K, D)
+    g = r.gates(y)
+    N = M * K * (1 if variant == "within_field" else F)
+    assert g.shape == (B, F, H, N) and (g >= 0).all()
+    torch.testing.assert_close(g.sum(-1), torch.ones(B, F, H))
+    out = r(y, c)
+    assert out.shape == (H, B, F, D)
+    ybar = y.mean(0)
+    for h in range(H):
+        for f in range(F):
+            cands = ([c[m, :, f, k] for m in range(M) for k in range(K)] if variant == "within_field" else
+                     [c[m, :, fp, k] for m in range(M) for fp in range(F) for k in range(K)])
+            logits = r.c[f].view(H, N)[h].expand(B, N)
+            if r.U is not None:
+                logits = logits + ybar[:, f] @ r.U[f].view(D, H, N)[:, h]
+            gate = torch.softmax(logits, -1)
+            want = sum(gate[:, n, None] * cands[n] for n in range(N))
+            torch.testing.assert_close(out[h, :, f], want, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- whole network
+def full_net(interaction="cross", M=2, **kw) -> RoBlockNet:
+    torch.manual_seed(0)
+    return RoBlockNet(5, 4, M, interaction=interaction, blocks=2, components=3, hidden=[8, 8], dropout=0.0, **kw)
+
+
+@pytest.mark.parametrize("interaction,kw", [("cross", {}), ("cin", {}), ("dhen", {}), ("mlp", {"prenorm": True}),
+                                            ("none", {"decoupler": "orth_split", "router": "within_field"}),
+                                            ("cross", {"hsic_kernel": "gaussian", "hsic_estimator": "unbiased"}),
+                                            ("cross", {"hsic_kernel": "decorrelation", "hsic_across_sets": True})])
+def test_gradients_reach_every_parameter(interaction, kw):
+    net = full_net(interaction, **kw)
+    e = torch.randn(2, 64, 5, 4, requires_grad=True)
+    (net(e).sum() + net.regularization()).backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+    assert e.grad.abs().sum() > 0
+
+
+def test_hsic_term_reaches_the_decoupler_and_beta_zero_only_logs():
+    net = full_net(beta=1.0)
+    e = torch.randn(2, 64, 5, 4)
+    net(e)
+    reg = net.regularization()
+    assert reg.requires_grad and reg.item() > 0
+    grads = torch.autograd.grad(reg, [b.decoupler.weight for b in net.blocks])
+    assert all(g.abs().sum() > 0 for g in grads)
+    assert net.aux_metrics()["hsic"].item() == pytest.approx(reg.item())  # beta = 1
+    net0 = full_net(beta=0.0)
+    net0(e)
+    assert net0.regularization().item() == 0 and not net0.regularization().requires_grad
+    assert net0.aux_metrics()["hsic"].item() > 0  # still logged
+    net0.eval()
+    net0(e)
+    assert net0.aux_metrics() == {}  # nothing computed outside training
+
+
+def test_batched_sets_equal_a_per_set_loop():
+    """Everything but the router (which mixes sets by design) is per set: a 3-set block equals three 1-set blocks with
+    the sliced weights, outputs and HSIC terms (the HSIC of the batched block is the mean of the per-set ones)."""
+    torch.manual_seed(0)
+    for interaction in ("cross", "cin", "dhen", "mlp"):
+        kw = dict(interaction=interaction, components=3, router="none", n_power=2)
+        big = RoBlock(3, 3, 5, 4, **kw)
+        with torch.no_grad():
+            big.alpha.fill_(0.7)
+        x, x0 = torch.randn(3, 32, 5, 4), torch.randn(3, 32, 5, 4)
+        before = copy.deepcopy(big)  # the forward advances the power-iteration buffer
+        y, h = big(x, x0, want_hsic=True)
+        hs = []
+        for m in range(3):
+            one = RoBlock(1, 1, 5, 4, **kw)
+            slice_sets(one, before, m)
+            ym, hm = one(x[m : m + 1], x0[m : m + 1], want_hsic=True)
+            hs.append(hm)
+            # fp32, different summation order in the batched kernels: 1e-5 relative
+            torch.testing.assert_close(ym[0], y[m], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.stack(hs).mean(), h, rtol=1e-4, atol=1e-6)
+
+
+def _same_weights(dst: torch.nn.Module, pairs: list[tuple[torch.nn.Module, torch.nn.Module]]) -> None:
+    for a, b in pairs:
+        a.load_state_dict(b.state_dict())
+
+
+ALL_OFF = dict(rebalance="none", decoupler="none", router="none", beta=0.0)
+
+
+def test_all_off_reproduces_dcnv2():
+    torch.manual_seed(1)
+    net = RoBlockNet(5, 4, 1, interaction="cross", blocks=3, residual="fixed", hidden=[8, 8], **ALL_OFF)
+    plain = DCNv2(5, 4, 1, cross_layers=3, hidden=[8, 8])
+    for l, layer in enumerate(plain.cross.layers):
+        layer.load_state_dict(net.blocks[l].interaction.layer.state_dict())
+    plain.tower.load_state_dict(net.tower.state_dict())
+    net.eval(), plain.eval()
+    e = torch.randn(1, 64, 5, 4)
+    # the plain stack runs the fused cross kernel: same math, different op order -> fp32 rounding only
+    torch.testing.assert_close(net(e), plain(e), rtol=1e-5, atol=1e-6)
+    outs = net.layer_outputs(e)
+    assert len(outs) == 3 and all(o.shape == (1, 64, 5, 4) for o in outs)
+    torch.testing.assert_close(outs[-1].flatten(2), plain.cross(e.flatten(2)), rtol=1e-5, atol=1e-6)
+
+
+def test_all_off_reproduces_xdeepfm_and_dhen():
+    torch.manual_seed(2)
+    e = torch.randn(1, 64, 5, 4)
+    net = RoBlockNet(5, 4, 1, interaction="cin", blocks=2, residual="none", hidden=[8, 8], **ALL_OFF)
+    plain = XDeepFM(5, 4, 1, cin_layers=[5, 5], hidden=[8, 8])
+    for l, conv in enumerate(plain.cin.convs):
+        conv.load_state_dict(net.blocks[l].interaction.layer.conv.state_dict())
+    plain.cin_out.load_state_dict(net.cin_out.state_dict())
+    plain.tower.load_state_dict(net.tower.state_dict())
+    net.eval(), plain.eval()
+    torch.testing.assert_close(net(e), plain(e), rtol=1e-5, atol=1e-6)
+    net = RoBlockNet(5, 4, 1, interaction="dhen", blocks=2, residual="none", hidden=[8, 8], **ALL_OFF)
+    plain = DHEN(5, 4, 1, layers=2, hidden=[8, 8])
+    for l, layer in enumerate(plain.layers):
+        layer.load_state_dict(net.blocks[l].interaction.layer.state_dict())
+    plain.tower.load_state_dict(net.tower.state_dict())
+    net.eval(), plain.eval()
+    torch.testing.assert_close(net(e), plain(e), rtol=1e-5, atol=1e-6)
+    for a, b in zip(net.layer_outputs(e), plain.layer_outputs(e)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_decoupler_orth_split_sums_back_and_keeps_the_spectrum():
+    torch.manual_seed(3)
+    d = Decoupler(2, 3, 6, 3, "orth_split")
+    with torch.no_grad():
+        d.skew.normal_()
+    y = torch.randn(2, 100, 3, 6)
+    c = d(y)
+    assert c.shape == (2, 100, 3, 3, 6)
+    torch.testing.assert_close(c.sum(-2), y, rtol=1e-4, atol=1e-5)
+    # components are mutually orthogonal in feature space: <C_k, C_j>_F = 0 per row
+    assert (c[..., 0, :] * c[..., 1, :]).sum(-1).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(hsic_estimator="unbiased"), "needs hsic_kernel=gaussian"),
+    (dict(heads=3), "router heads M' = 3 must equal"),
+    (dict(router="attentive"), "router must be"),
+    (dict(rebalance="zca"), "rebalance must be"),
+    (dict(interaction="gru"), "interaction must be"),
+    (dict(blocks=0), "blocks (depth L) must be >= 1"),
+    (dict(decoupler="orth_split", components=9), "components <= D = 4"),
+])
+def test_bad_options_raise_one_clear_config_error(kw, msg):
+    with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        RoBlockNet(5, 4, 2, **kw)
+
+
+# ---------------------------------------------------------------------------------------------- DHEN
+def naive_dhen_layer(layer: DHENLayer, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """The DHEN layer equation written out per set with plain ops: one (B, F, D) set at a time."""
+    M, B, F, D = x.shape
+    outs = []
+    for m in range(M):
+        xm, x0m = x[m], x0[m]
+        v, v0 = xm.reshape(B, F * D), x0m.reshape(B, F * D)
+        mods = []
+        for name in layer.names:
+            mod = layer.mods[name]
+            if name == "cross":
+                mods.append(v0 * (v @ mod.weight[m] + mod.bias[m]))
+            elif name == "linear":
+                mods.append(v @ mod.weight[m] + mod.bias[m])
+            elif name == "dot":
+                p = torch.stack([(xm[:, i] * xm[:, j]).sum(-1) for i in range(F) for j in range(i + 1, F)], 1)
+                mods.append(p @ mod.weight[m] + mod.bias[m])
+            else:
+                qkv = xm @ mod.qkv.weight[m]  # (B, F, 3 H d)
+                H, d = mod.heads, mod.att_dim
+                heads = []
+                for h in range(H):
+                    q = qkv[..., h * d : (h + 1) * d]
+                    k = qkv[..., (H + h) * d : (H + h + 1) * d]
+                    val = qkv[..., (2 * H + h) * d : (2 * H + h + 1) * d]
+                    heads.append(torch.softmax(q @ k.transpose(1, 2) / math.sqrt(d), -1) @ val)
+                mods.append((torch.cat(heads, -1) @ mod.out.weight[m]).reshape(B, F * D))
+        comb = torch.cat(mods, -1) @ layer.project.weight[m] + layer.project.bias[m]
+        y = comb.reshape(B, F, D) + xm
+        mu, var = y.mean(-1, keepdim=True), y.var(-1, unbiased=False, keepdim=True)
+        outs.append((y - mu) / torch.sqrt(var + 1e-5) * layer.norm.weight[m] + layer.norm.bias[m])
+    return torch.stack(outs)
+
+
+def test_dhen_equals_a_naive_per_set_loop():
+    torch.manual_seed(4)
+    net = DHEN(5, 4, 3, layers=2, heads=2, att_dim=3, hidden=[8, 8])
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.norm.weight.uniform_(0.5, 1.5), layer.norm.bias.normal_()
+    e = torch.randn(3, 32, 5, 4)
+    x = e
+    for layer, out in zip(net.layers, net.layer_outputs(e)):
+        x = naive_dhen_layer(layer, x, e)
+        assert out.shape == (3, 32, 5, 4)
+        torch.testing.assert_close(out, x, rtol=1e-4, atol=1e-5)  # fp32; LayerNorm divides by small stds
+    assert net(e).shape == (32,)
+    with pytest.raises(ConfigError, match="DHEN modules must be"):
+        DHEN(5, 4, 1, modules=["cross", "conv"])
+    with pytest.raises(ConfigError, match="combine must be"):
+        DHEN(5, 4, 1, combine="max")
+
+
+# ---------------------------------------------------------------------------------------------- CTRModel + grids
+def test_fit_logs_train_hsic(criteo_dir, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from recscale.train import cli_main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    cli_main(["fit", f"--config={ROOT / 'configs/roblock_dcnv2.yaml'}", f"--data.data_dir={criteo_dir}",
+              "--data.batch_size=512", "--data.num_workers=0", "--trainer.max_epochs=1",
+              "--trainer.limit_train_batches=3", "--trainer.enable_progress_bar=false",
+              "--model.backbone.init_args.blocks=2"])
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("recscale").experiment_id])[0]
+    hist = client.get_metric_history(run.info.run_id, "train/hsic_step")
+    assert len(hist) >= 1 and all(0 < h.value < 2 * 6 for h in hist)  # 2 blocks x mean nHSIC in [0, 1]
+    assert "train/hsic_epoch" in run.data.metrics and "train/loss_epoch" in run.data.metrics
+
+
+def test_roblock_grid_cells_and_dry_run(tmp_path):
+    from recscale.grid import roblock_ablation_cells, roblock_cells
+
+    cells = roblock_cells("criteo", ["dcnv2", "xdeepfm", "dhen"], [1, 2, 4, 8], [1, 4], [0.0, 0.1, 0.5, 1.0], [0])
+    assert len(cells) == 3 * 4 * 2 * (1 + 4)
+    assert len({c.name for c in cells}) == len(cells)
+    assert all(Path(f).exists() for c in cells for f in c.configs)
+    abl = roblock_ablation_cells("criteo", [0])
+    assert len(abl) == 8 + 3  # 2^3 component cells + K in {1, 2, 8} (K = 4 is the all-on cell)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'dry.db'}"}
+    p = subprocess.run(["make", "-s", "-j", "2", "grid-roblock", "DRY_RUN=1", "BACKBONES=dcnv2", "DEPTHS=2",
+                        "WIDTHS=4", "BETAS=0.1", "SEEDS=0", f"VENV={Path(sys.executable).parent.parent}"],
+                       capture_output=True, text=True, cwd=ROOT, env=env)
+    assert p.returncode == 0, p.stderr
+    assert "2 to run (dry run)" in p.stdout and "2 at a time" in p.stdout
+    assert "criteo-roblock-dcnv2-plain-L2-me4x-seed0" in p.stdout
+    assert "criteo-roblock-dcnv2-beta0.1-L2-me4x-seed0" in p.stdout
+    p = subprocess.run(["make", "-s", "grid-roblock-ablation", "DRY_RUN=1", "SEEDS=0",
+                        f"VENV={Path(sys.executable).parent.parent}"], capture_output=True, text=True, cwd=ROOT,
+                       env=env)
+    assert p.returncode == 0, p.stderr
+    assert "11 to run (dry run)" in p.stdout and "rebalance=none" in p.stdout
