@@ -8,7 +8,8 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DATA ?= prepared/criteo_sample
 
-.PHONY: install demo test test-all bench clean-demo grid grid-sigir grid-data-fraction mlflow report
+.PHONY: install demo test test-all bench clean-demo grid grid-sigir grid-data-fraction grid-roblock grid-roblock-ablation \
+	mlflow report
 
 install: $(VENV)/.recscale-installed
 
@@ -59,6 +60,19 @@ grid-sigir: install
 
 grid-data-fraction: install
 	$(GRID) data-fraction $(EXTRA)
+
+# RoBlock (ROBLOCK.md E1/E2): make grid-roblock DATASET=criteo [BACKBONES=dcnv2,xdeepfm,dhen] [DEPTHS=1,2,4,8]
+#   [WIDTHS=1,4] (embedding sets) [BETAS=0,0.1,0.5,1] [SEEDS=0,1,2] [GPUS=...] [DRY_RUN=1]; plain + one RoBlock cell per beta
+# E4 ablations at one operating point: make grid-roblock-ablation [AT=dcnv2,4,4,0.1] [KS=1,2,4,8]
+BACKBONES ?= dcnv2,xdeepfm,dhen
+DEPTHS ?= 1,2,4,8
+WIDTHS ?= 1,4
+BETAS ?= 0,0.1,0.5,1
+grid-roblock: install
+	$(GRID) roblock --backbones "$(BACKBONES)" --depths "$(DEPTHS)" --widths "$(WIDTHS)" --betas "$(BETAS)" $(EXTRA)
+
+grid-roblock-ablation: install
+	$(GRID) roblock-ablation $(if $(AT),--at "$(AT)") $(if $(KS),--ks "$(KS)") $(EXTRA)
 
 report: install
 	$(VENV)/bin/recscale report --dataset $(DATASET)

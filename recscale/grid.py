@@ -82,6 +82,80 @@ def data_fraction_cells(dataset, fractions, dims, seeds) -> list[Cell]:
     return cells
 
 
+ROBLOCK_BACKBONES = ["dcnv2", "xdeepfm", "dhen"]
+ROBLOCK_DEPTHS = [1, 2, 4, 8]
+ROBLOCK_WIDTHS = [1, 4]
+ROBLOCK_BETAS = [0.0, 0.1, 0.5, 1.0]  # the beta grid the RoBlock reviews report [stated]
+ROBLOCK_KS = [1, 2, 4, 8]
+
+
+def _width_config(width: int) -> str:
+    """Width = number of embedding sets (ME scale); width 1 is the 1x model (SE = ME)."""
+    return str(CONFIGS / "scale" / ("se1x.yaml" if width == 1 else f"me{width}x.yaml"))
+
+
+def _width_name(width: int) -> str:
+    return "se1x" if width == 1 else f"me{width}x"
+
+
+def roblock_cells(dataset, backbones, depths, widths, betas, seeds) -> list[Cell]:
+    """RoBlock E1/E2 grid (ROBLOCK.md Sec. 2.8): backbone x {plain, RoBlock per beta} x depth x width x seed.
+
+    Plain cells are ``configs/model/roblock_<b>_plain.yaml``: the same RoBlockNet with every component off, which is
+    exactly DCNv2 / xDeepFM (cin_layers = [F] * L) / DHEN (tests/test_roblock.py), so plain and RoBlock cells share
+    one parametrisation of depth (``blocks``) and width (embedding sets, ``model.scale`` in ME mode). Cell tags:
+    grid, backbone, variant (plain / roblock), depth, width, beta."""
+    cells = []
+    for b in backbones:
+        for depth in depths:
+            for width in widths:
+                variants = [("plain", None)] + [("roblock", beta) for beta in betas]
+                for variant, beta in variants:
+                    cfg = f"roblock_{b}_plain.yaml" if variant == "plain" else f"roblock_{b}.yaml"
+                    label = "plain" if beta is None else f"beta{beta:g}"
+                    over = [f"--model.backbone.init_args.blocks={depth}"]
+                    if beta is not None:
+                        over.append(f"--model.backbone.init_args.beta={beta:g}")
+                    tags = {"grid": "roblock", "backbone": b, "variant": variant, "depth": str(depth),
+                            "width": str(width), "beta": "" if beta is None else f"{beta:g}"}
+                    for seed in seeds:
+                        cells.append(Cell(f"{dataset}-roblock-{b}-{label}-L{depth}-{_width_name(width)}-seed{seed}",
+                                          [str(CONFIGS / "model" / cfg), _width_config(width),
+                                           str(CONFIGS / "data" / f"{dataset}.yaml")],
+                                          over + [f"--seed_everything={seed}"], tags))
+    return cells
+
+
+def roblock_ablation_cells(dataset, seeds, backbone: str = "dcnv2", depth: int = 4, width: int = 4,
+                           beta: float = 0.1, ks=tuple(ROBLOCK_KS)) -> list[Cell]:
+    """RoBlock E4 ablations at one operating point (default Criteo, DCNv2, L = 4, M = 4, beta = 0.1): the 2^3 grid of
+    rebalancing / decoupler / router on-off (the learnable residual stays; "all off" is the stack with residual),
+    then K in ``ks`` with every component on (K = 4, the default, is the all-on cell and is not repeated)."""
+    base = [str(CONFIGS / "model" / f"roblock_{backbone}.yaml"), _width_config(width),
+            str(CONFIGS / "data" / f"{dataset}.yaml")]
+    common = [f"--model.backbone.init_args.blocks={depth}", f"--model.backbone.init_args.beta={beta:g}"]
+    point = f"{dataset}-roblock-ablation-{backbone}-L{depth}-{_width_name(width)}"
+    cells = []
+    for reb in (True, False):
+        for dec in (True, False):
+            for rou in (True, False):
+                over = [f"--model.backbone.init_args.rebalance={'rank1' if reb else 'none'}",
+                        f"--model.backbone.init_args.decoupler={'linear' if dec else 'none'}",
+                        f"--model.backbone.init_args.router={'dynamic' if rou else 'none'}"]
+                name = f"rebalance{int(reb)}-decoupler{int(dec)}-router{int(rou)}"
+                tags = {"grid": "roblock-ablation", "backbone": backbone, "ablation": name, "components": "4"}
+                cells += [Cell(f"{point}-{name}-seed{s}", base, common + over + [f"--seed_everything={s}"], tags)
+                          for s in seeds]
+    for k in ks:
+        if k == 4:
+            continue
+        tags = {"grid": "roblock-ablation", "backbone": backbone, "ablation": f"K{k}", "components": str(k)}
+        cells += [Cell(f"{point}-K{k}-seed{s}", base,
+                       common + [f"--model.backbone.init_args.components={k}", f"--seed_everything={s}"], tags)
+                  for s in seeds]
+    return cells
+
+
 def cell_hash(cell: Cell, extra: list[str]) -> str:
     """The `config_hash` tag `recscale fit` would give this cell (resolved config, parsed without instantiating)."""
     from recscale.tracking import config_hash, resolved_config
@@ -156,7 +230,7 @@ def run_grid(cells: list[Cell], extra: list[str], jobs: int = 1, dry_run: bool =
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="recscale grid", description=__doc__.split("\n\n")[0])
-    ap.add_argument("grid", choices=["icml24", "sigir", "data-fraction"])
+    ap.add_argument("grid", choices=["icml24", "sigir", "data-fraction", "roblock", "roblock-ablation"])
     ap.add_argument("--dataset", default="criteo", help="a configs/data/NAME.yaml (criteo, avazu, criteo_sample)")
     ap.add_argument("--models", default=None, help="comma list of configs/model names")
     ap.add_argument("--modes", default="SE,ME")
@@ -164,6 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--fractions", default=",".join(map(str, FRACTIONS)))
     ap.add_argument("--dims", default=",".join(map(str, TABLE2_DIMS)))
+    ap.add_argument("--backbones", default=",".join(ROBLOCK_BACKBONES), help="roblock: dcnv2, xdeepfm, dhen")
+    ap.add_argument("--depths", default=",".join(map(str, ROBLOCK_DEPTHS)), help="roblock: blocks L")
+    ap.add_argument("--widths", default=",".join(map(str, ROBLOCK_WIDTHS)), help="roblock: embedding sets M")
+    ap.add_argument("--betas", default=",".join(f"{b:g}" for b in ROBLOCK_BETAS), help="roblock: HSIC weights")
+    ap.add_argument("--ks", default=",".join(map(str, ROBLOCK_KS)), help="roblock-ablation: components K")
+    ap.add_argument("--at", default="dcnv2,4,4,0.1",
+                    help="roblock-ablation operating point: backbone,depth,width,beta")
     ap.add_argument("-j", "--jobs", type=int, default=1, help="cells at once")
     ap.add_argument("--gpus", default=None, help="GPU ids per slot: '0,1,2,3' (one per cell) or '0,1;2,3' groups")
     ap.add_argument("--dry-run", action="store_true")
@@ -178,6 +259,19 @@ def main(argv: list[str] | None = None) -> int:
                              [int(s) for s in a.scales.split(",") if s], seeds)
     elif a.grid == "sigir":
         cells = sigir_cells(a.dataset, a.models.split(",") if a.models else SIGIR_MODELS, seeds)
+    elif a.grid == "roblock":
+        cells = roblock_cells(a.dataset, [b for b in a.backbones.split(",") if b],
+                              [int(d) for d in a.depths.split(",") if d], [int(w) for w in a.widths.split(",") if w],
+                              [float(b) for b in a.betas.split(",") if b], seeds)
+    elif a.grid == "roblock-ablation":
+        try:
+            backbone, depth, width, beta = a.at.split(",")
+            at = dict(backbone=backbone, depth=int(depth), width=int(width), beta=float(beta))
+        except ValueError:
+            print(f"recscale grid: error: --at {a.at!r}: expected backbone,depth,width,beta such as dcnv2,4,4,0.1",
+                  file=sys.stderr)
+            return 2
+        cells = roblock_ablation_cells(a.dataset, seeds, ks=[int(k) for k in a.ks.split(",") if k], **at)
     else:
         cells = data_fraction_cells(a.dataset, [float(f) for f in a.fractions.split(",")],
                                     [int(d) for d in a.dims.split(",")], seeds)

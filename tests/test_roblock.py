@@ -206,7 +206,7 @@ def test_hsic_term_reaches_the_decoupler_and_beta_zero_only_logs():
     net(e)
     reg = net.regularization()
     assert reg.requires_grad and reg.item() > 0
-    grads = torch.autograd.grad(reg, [b.decoupler.weight for b in net.blocks])
+    grads = torch.autograd.grad(reg, [b.decoupler.weight for b in net.stack])
     assert all(g.abs().sum() > 0 for g in grads)
     assert net.aux_metrics()["hsic"].item() == pytest.approx(reg.item())  # beta = 1
     net0 = full_net(beta=0.0)
@@ -254,7 +254,7 @@ def test_all_off_reproduces_dcnv2():
     net = RoBlockNet(5, 4, 1, interaction="cross", blocks=3, residual="fixed", hidden=[8, 8], **ALL_OFF)
     plain = DCNv2(5, 4, 1, cross_layers=3, hidden=[8, 8])
     for l, layer in enumerate(plain.cross.layers):
-        layer.load_state_dict(net.blocks[l].interaction.layer.state_dict())
+        layer.load_state_dict(net.stack[l].interaction.layer.state_dict())
     plain.tower.load_state_dict(net.tower.state_dict())
     net.eval(), plain.eval()
     e = torch.randn(1, 64, 5, 4)
@@ -271,7 +271,7 @@ def test_all_off_reproduces_xdeepfm_and_dhen():
     net = RoBlockNet(5, 4, 1, interaction="cin", blocks=2, residual="none", hidden=[8, 8], **ALL_OFF)
     plain = XDeepFM(5, 4, 1, cin_layers=[5, 5], hidden=[8, 8])
     for l, conv in enumerate(plain.cin.convs):
-        conv.load_state_dict(net.blocks[l].interaction.layer.conv.state_dict())
+        conv.load_state_dict(net.stack[l].interaction.layer.conv.state_dict())
     plain.cin_out.load_state_dict(net.cin_out.state_dict())
     plain.tower.load_state_dict(net.tower.state_dict())
     net.eval(), plain.eval()
@@ -279,7 +279,7 @@ def test_all_off_reproduces_xdeepfm_and_dhen():
     net = RoBlockNet(5, 4, 1, interaction="dhen", blocks=2, residual="none", hidden=[8, 8], **ALL_OFF)
     plain = DHEN(5, 4, 1, layers=2, hidden=[8, 8])
     for l, layer in enumerate(plain.layers):
-        layer.load_state_dict(net.blocks[l].interaction.layer.state_dict())
+        layer.load_state_dict(net.stack[l].interaction.layer.state_dict())
     plain.tower.load_state_dict(net.tower.state_dict())
     net.eval(), plain.eval()
     torch.testing.assert_close(net(e), plain(e), rtol=1e-5, atol=1e-6)
@@ -398,15 +398,45 @@ def test_roblock_grid_cells_and_dry_run(tmp_path):
     abl = roblock_ablation_cells("criteo", [0])
     assert len(abl) == 8 + 3  # 2^3 component cells + K in {1, 2, 8} (K = 4 is the all-on cell)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'dry.db'}"}
-    p = subprocess.run(["make", "-s", "-j", "2", "grid-roblock", "DRY_RUN=1", "BACKBONES=dcnv2", "DEPTHS=2",
+    p = subprocess.run(["make", "-s", "-o", "install", "-j", "2", "grid-roblock", "DRY_RUN=1", "BACKBONES=dcnv2", "DEPTHS=2",
                         "WIDTHS=4", "BETAS=0.1", "SEEDS=0", f"VENV={Path(sys.executable).parent.parent}"],
                        capture_output=True, text=True, cwd=ROOT, env=env)
     assert p.returncode == 0, p.stderr
     assert "2 to run (dry run)" in p.stdout and "2 at a time" in p.stdout
     assert "criteo-roblock-dcnv2-plain-L2-me4x-seed0" in p.stdout
     assert "criteo-roblock-dcnv2-beta0.1-L2-me4x-seed0" in p.stdout
-    p = subprocess.run(["make", "-s", "grid-roblock-ablation", "DRY_RUN=1", "SEEDS=0",
+    p = subprocess.run(["make", "-s", "-o", "install", "grid-roblock-ablation", "DRY_RUN=1", "SEEDS=0",
                         f"VENV={Path(sys.executable).parent.parent}"], capture_output=True, text=True, cwd=ROOT,
                        env=env)
     assert p.returncode == 0, p.stderr
     assert "11 to run (dry run)" in p.stdout and "rebalance=none" in p.stdout
+
+
+
+def test_rank1_elementwise_path_equals_the_gram_path():
+    """The rank-1 uncentred rebalancing runs as element-wise ops; the general path (Gram, power steps on it, x @ T)
+    must give the same statistics and outputs, and the HSIC Gram's one-matmul backward the autograd gradient."""
+    # float64: tau^2 = ||X||^2 - sigma_1^2 cancels ~2 digits, which fp32 would turn into 1e-5 differences
+    x = dominant(M=2, F=3, D=6, B=256).double()
+    fast = RankOneRebalance(2, 3, 6, n_power=3).double()
+    with torch.no_grad():
+        fast.gain.uniform_(0.5, 1.5)
+    slow = copy.deepcopy(fast)
+    slow.elementwise = False
+    xf, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yf, ys = fast(xf), slow(xs)
+    torch.testing.assert_close(yf, ys, rtol=1e-9, atol=1e-9)  # same math, another summation order
+    for k in ("v", "running_v", "running_s", "running_rho"):
+        torch.testing.assert_close(getattr(fast, k), getattr(slow, k), rtol=1e-9, atol=1e-12)
+    g = torch.randn_like(yf)
+    (yf * g).sum().backward(), (ys * g).sum().backward()
+    torch.testing.assert_close(xf.grad, xs.grad, rtol=1e-9, atol=1e-12)
+    fast.eval(), slow.eval()
+    torch.testing.assert_close(fast(x), slow(x), rtol=1e-9, atol=1e-9)
+    c = torch.randn(3, 50, 2, 4, dtype=torch.float64, requires_grad=True)
+    c2 = c.detach().clone().requires_grad_()
+    linear_hsic_pairs(c).sum().backward()
+    xc = c2.reshape(3, 50, 8) - c2.reshape(3, 50, 8).mean(1, keepdim=True)
+    S = (xc.transpose(1, 2) @ xc).view(3, 2, 4, 2, 4).pow(2).sum((-1, -3))
+    (S[:, 0, 1] / (S[:, 0, 0] * S[:, 1, 1]).sqrt()).sum().backward()
+    torch.testing.assert_close(c.grad, c2.grad, rtol=1e-10, atol=1e-12)

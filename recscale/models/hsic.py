@@ -22,6 +22,26 @@ import torch
 from torch import Tensor
 
 
+class _Gram(torch.autograd.Function):
+    """``S = X^T X`` over the row axis, with the one-matmul backward ``dL/dX = X (G + G^T)`` (autograd's generic
+    matmul backward makes two, one per operand). (..., n, d) -> (..., d, d)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return torch.matmul(x.transpose(-1, -2), x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return torch.matmul(x, g + g.transpose(-1, -2))
+
+
+def gram(x: Tensor) -> Tensor:
+    """``x^T x`` over the second-to-last axis (..., n, d) -> (..., d, d)."""
+    return _Gram.apply(x) if x.requires_grad else torch.matmul(x.transpose(-1, -2), x)
+
+
 def pair_index(k: int, device=None) -> tuple[Tensor, Tensor]:
     """Indices (i, j) of the K(K-1)/2 component pairs i < j."""
     return torch.triu_indices(k, k, offset=1, device=device).unbind(0)
@@ -36,7 +56,7 @@ def linear_hsic_pairs(c: Tensor, normalized: bool = True, eps: float = 1e-12) ->
     *lead, n, K, D = c.shape
     x = c.reshape(*lead, n, K * D)
     x = x - x.mean(-2, keepdim=True)
-    S = torch.matmul(x.transpose(-1, -2), x).view(*lead, K, D, K, D)
+    S = gram(x).view(*lead, K, D, K, D)
     q = S.pow(2).sum((-1, -3))  # (..., K, K): ||S_kj||_F^2
     i, j = pair_index(K, c.device)
     if normalized:

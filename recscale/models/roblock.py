@@ -69,6 +69,7 @@ class RankOneRebalance(nn.Module):
         if n_power < 1 or not 0 < momentum <= 1:
             raise _config_error(f"n_power must be >= 1 and momentum in (0, 1], got {n_power}, {momentum}")
         self.rank, self.n_power, self.momentum, self.center, self.eps = rank, n_power, momentum, center, eps
+        self.elementwise = rank == 1 and not center  # rank-1 fast path (tests switch it off to compare)
         self.gain = nn.Parameter(torch.ones(sets, fields, dim))
         v = torch.linalg.qr(torch.randn(sets, fields, dim, rank)).Q
         self.register_buffer("v", v.clone())  # power-iteration warm start
@@ -83,6 +84,8 @@ class RankOneRebalance(nn.Module):
     @torch.no_grad()
     def batch_statistics(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(V (M,F,D,k), s (M,F,k), rho (M,F), mean (M,F,D)) of a batch x (M, B, F, D); advances the power buffer."""
+        if self.elementwise:
+            return self._rank1_statistics(x)
         B, D = x.shape[1], x.shape[-1]
         G = torch.einsum("mbfd,mbfe->mfde", x, x)  # (M, F, D, D)
         mean = x.mean(1) if self.center else x.new_zeros(x.shape[0], x.shape[2], D)
@@ -101,6 +104,24 @@ class RankOneRebalance(nn.Module):
         y2 = total + ((s.pow(2) - 1) * sig2).sum(-1)
         rho = torch.where(y2 > self.eps, (total / y2.clamp_min(self.eps)).sqrt(), torch.ones_like(y2))
         return V, s, rho, mean
+
+    def _rank1_statistics(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The rank-1, uncentred statistics from passes over x itself (no Gram, no per-field matmul): the same
+        numbers as ``batch_statistics``' Gram path, ``X v`` and ``X^T (X v)`` as broadcast multiply-reductions."""
+        D = x.shape[-1]
+        v = self.v[..., 0].to(x.dtype).unsqueeze(1)  # (M, 1, F, D)
+        for _ in range(self.n_power):
+            w = (x * v).sum(-1, keepdim=True)  # X v: (M, B, F, 1)
+            v = Fn.normalize((x * w).sum(1, keepdim=True), dim=-1)  # X^T X v, normalised
+        self.v.copy_(v[:, 0].unsqueeze(-1))
+        sig2 = (x * v).sum(-1).pow(2).sum(1).unsqueeze(-1)  # ||X v||^2: (M, F, 1)
+        total = x.pow(2).sum((1, 3))  # ||X||_F^2: (M, F)
+        tau2 = (total - sig2[..., 0]).clamp_min(0) / (D - 1) if D > 1 else total
+        ok = sig2 > self.eps
+        s = torch.where(ok, (tau2.unsqueeze(-1) / sig2.clamp_min(self.eps)).sqrt(), torch.ones_like(sig2))
+        y2 = total + ((s.pow(2) - 1) * sig2).sum(-1)
+        rho = torch.where(y2 > self.eps, (total / y2.clamp_min(self.eps)).sqrt(), torch.ones_like(y2))
+        return v[:, 0].unsqueeze(-1), s, rho, x.new_zeros(x.shape[0], x.shape[2], D)
 
     @torch.no_grad()
     def _update_running(self, V: Tensor, s: Tensor, rho: Tensor, mean: Tensor) -> None:
@@ -124,6 +145,11 @@ class RankOneRebalance(nn.Module):
             self._update_running(V, s, rho, mean)
         else:
             V, s, rho, mean = self.running_v, self.running_s, self.running_rho, self.running_mean
+        if self.elementwise:
+            # rho gamma (.) (x + (s - 1)(x . v) v^T): the same map as x @ T, as broadcast element-wise ops
+            v = V[..., 0].unsqueeze(1)  # (M, 1, F, D)
+            coef = ((s[..., 0] - 1).unsqueeze(1).unsqueeze(-1) * (x * v).sum(-1, keepdim=True))  # (M, B, F, 1)
+            return torch.addcmul(x, coef, v) * (rho.unsqueeze(-1) * self.gain).unsqueeze(1)
         T = self.matrix(V, s, rho)
         if not self.center:
             return torch.einsum("mbfd,mfde->mbfe", x, T)
@@ -405,7 +431,7 @@ class RoBlockNet(nn.Module):
                   router=router, router_temperature=router_temperature, residual=residual, hsic_kernel=hsic_kernel,
                   hsic_estimator=hsic_estimator, hsic_normalized=hsic_normalized, hsic_subsample=hsic_subsample,
                   hsic_across_sets=hsic_across_sets, dhen_modules=dhen_modules, dhen_shortcut=dhen_shortcut)
-        self.blocks = nn.ModuleList(RoBlock(num_sets if l == 0 else H, H, num_fields, dim, **kw)
+        self.stack = nn.ModuleList(RoBlock(num_sets if l == 0 else H, H, num_fields, dim, **kw)
                                     for l in range(blocks))
         self.out_sets = H
         if interaction == "cin":
@@ -419,7 +445,7 @@ class RoBlockNet(nn.Module):
         want = self.training and torch.is_grad_enabled() and (self.beta > 0 or self.log_hsic)
         self._hsic = []
         x, x0, outs = e, e, []
-        for block in self.blocks:
+        for block in self.stack:
             x, h = block(x, x0, want, hsic_grad=self.beta > 0)  # beta = 0: logged only, no graph kept
             if h is not None:
                 self._hsic.append(h)
