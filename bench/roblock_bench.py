@@ -8,8 +8,10 @@ dropout as configured. Contenders, alternated round by round (A B C A B C ...; e
 * plain:   ``DCNv2(cross_layers=4)`` (the project's fused cross network), the baseline of the ratio;
 * roblock: ``RoBlockNet(interaction="cross", blocks=4, components=4)`` with normalised linear HSIC, beta = 0.1
   (configs/model/roblock_dcnv2.yaml);
+* roblock-within: the same with the ``within_field`` router (candidates of the output field only: N = M K instead
+  of M F K gates per field and head), to show what the cross-field router costs;
 * roblock-gauss (``--gaussian``): the same with the Gaussian-kernel HSIC (flattened components, 1024-row subsample),
-  reported, not targeted.
+  reported, not targeted (the component split always reports the Gaussian HSIC's own cost).
 
 Then a per-component split of one block (forward + backward, median of ``--split-reps``) on (M, 2048, 39, 10)
 activations: interaction (cross layer) / rebalancing (R1UN) / decoupler + HSIC / router, and the Gaussian HSIC.
@@ -36,6 +38,7 @@ ROBLOCK = dict(interaction="cross", blocks=4, components=4, beta=0.1, hsic_kerne
 def contenders(gaussian: bool) -> dict:
     c = {"plain": lambda f, d, m: DCNv2(f, d, m, cross_layers=4),
          "roblock": lambda f, d, m: RoBlockNet(f, d, m, **ROBLOCK)}
+    c["roblock-within"] = lambda f, d, m: RoBlockNet(f, d, m, **{**ROBLOCK, "router": "within_field"})
     if gaussian:
         c["roblock-gauss"] = lambda f, d, m: RoBlockNet(f, d, m, **{**ROBLOCK, "hsic_kernel": "gaussian"})
     return c
@@ -121,7 +124,12 @@ def main():
     ap.add_argument("--batch-size", type=int, default=2048)
     ap.add_argument("--split-reps", type=int, default=5)
     ap.add_argument("--gaussian", action="store_true", help="also time RoBlock with the Gaussian-kernel HSIC")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="intra-op threads (1: on a loaded machine two OpenMP threads wait at barriers for each other "
+                         "and small ops slow down >10x, which penalises many-op models; 0 keeps torch's default)")
     a = ap.parse_args()
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
     dims = criteo_reference_dims()
     B = a.batch_size
     print(f"cpu, {torch.get_num_threads()} threads, Criteo tables ({sum(dims):,} rows), batch {B}, {a.steps} timed "
@@ -139,7 +147,7 @@ def main():
             print(f"{mode} {scale}x  {name:<14} step {t * 1e3:8.1f} ms  {B / t:9,.0f} samples/s  "
                   f"x{t / base:5.2f} of plain   (rounds: {', '.join(f'{v * 1e3:.0f}' for v in ts)} ms)", flush=True)
         split = component_split(scale if mode == "ME" else 1, B, len(dims), 10 if mode == "ME" else 10 * scale,
-                                a.split_reps, a.gaussian)
+                                a.split_reps, True)
         tot = sum(v for k, v in split.items() if "alone" not in k)
         print(f"{mode} {scale}x  one block, forward + backward, median of {a.split_reps}: " + ", ".join(
             f"{k} {v * 1e3:.1f} ms" + ("" if "alone" in k else f" ({v / tot:.0%})") for k, v in split.items()),

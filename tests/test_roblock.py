@@ -379,7 +379,7 @@ def test_fit_logs_train_hsic(criteo_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli_main(["fit", f"--config={ROOT / 'configs/roblock_dcnv2.yaml'}", f"--data.data_dir={criteo_dir}",
               "--data.batch_size=512", "--data.num_workers=0", "--trainer.max_epochs=1",
-              "--trainer.limit_train_batches=3", "--trainer.enable_progress_bar=false",
+              "--trainer.limit_train_batches=3", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
               "--model.backbone.init_args.blocks=2"])
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("recscale").experiment_id])[0]

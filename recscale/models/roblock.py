@@ -233,11 +233,13 @@ class FieldRouter(nn.Module):
 
     def gates(self, y: Tensor) -> Tensor:  # (M, B, F, D) -> (B, F, M', N), rows sum to 1
         B, F = y.shape[1], y.shape[2]
-        if self.U is None:
-            logits = self.c.expand(B, -1, -1)
+        t = 1.0 / self.temperature  # folded into the (small) parameters, not applied to the (B, F, M'N) logits
+        c, U = (self.c, self.U) if t == 1.0 else (self.c * t, None if self.U is None else self.U * t)
+        if U is None:
+            logits = c.expand(B, -1, -1)
         else:
-            logits = torch.baddbmm(self.c.unsqueeze(1), y.mean(0).transpose(0, 1), self.U).transpose(0, 1)
-        return torch.softmax(logits.view(B, F, self.heads, self.n) / self.temperature, -1)
+            logits = torch.baddbmm(c.unsqueeze(1), y.mean(0).transpose(0, 1), U).transpose(0, 1)
+        return torch.softmax(logits.reshape(B, F, self.heads, self.n), -1)
 
     def forward(self, y: Tensor, c: Tensor) -> Tensor:
         M, B, F, K, D = c.shape
