@@ -69,7 +69,7 @@ def fig8a(t1: dict, out: Path) -> Path | None:
                 ks, st = zip(*paper[mode])
                 _errorbar(pax, ks, list(st), "x--", f"{mode} (paper)", colors[mode])
         if not ys:
-            ax.text(0.5, 0.5, "no runs", transform=ax.transAxes, ha="center", fontsize=10, color="gray")
+            ax.text(0.98, 0.03, "no runs (paper only)", transform=ax.transAxes, ha="right", fontsize=9, color="gray")
         ax.set_title(model, fontsize=11)
         ax.set_xscale("log")
         ax.set_xticks(SCALES, [f"{k}x" for k in SCALES])
@@ -176,7 +176,7 @@ def fig10a(cells: list[Cell], out: Path) -> Path | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     keys = sorted(pts)
-    width = 0.8 / len(keys)
+    width = min(0.35, 0.8 / len(keys))
     scales = sorted({k for v in pts.values() for k, _ in v})
     for i, key in enumerate(keys):
         by = dict(pts[key])
@@ -209,7 +209,8 @@ def roblock_figures(rb: dict, out: Path) -> list[Path]:
     paths = []
     lines = [(v, w) for v in rb["variants"] for w in rb["widths"]]
     style = {v: ("o-" if v == "plain" else "s--") for v in rb["variants"]}
-    fig, axes = plt.subplots(1, len(bbs), figsize=(4.5 * len(bbs) + 1, 4.2), squeeze=False)
+    size = (max(7.0, 4.5 * len(bbs) + 1), 4.5)
+    fig, axes = plt.subplots(1, len(bbs), figsize=size, squeeze=False)
     for ax, bb in zip(axes[0], bbs):
         for v, w in lines:
             pts = [(d, shown[(bb, d, w, v)].auc) for d in rb["depths"]
@@ -241,12 +242,13 @@ def roblock_figures(rb: dict, out: Path) -> list[Path]:
                 pts = [(ly, c.diag(f"layer{ly}/ia_mean")) for ly in range(1, d + 1) if c.diag(f"layer{ly}/ia_mean")]
                 curves[(bb, v, w)] = (d, pts)
     if curves:
-        fig, axes = plt.subplots(1, len(bbs), figsize=(4.5 * len(bbs) + 1, 4.2), squeeze=False)
+        fig, axes = plt.subplots(1, len(bbs), figsize=size, squeeze=False)
         for ax, bb in zip(axes[0], bbs):
             for (b, v, w), (d, pts) in curves.items():
                 if b == bb:
                     ls, st = zip(*pts)
                     _errorbar(ax, ls, list(st), style[v], f"{v}, {w} (L={d})")
+            ax.xaxis.get_major_locator().set_params(integer=True)
             ax.set_xlabel("layer l", fontsize=9)
             ax.set_ylabel("mean per-field IA of layer l's output", fontsize=9)
             ax.tick_params(labelsize=8)
@@ -255,7 +257,7 @@ def roblock_figures(rb: dict, out: Path) -> list[Path]:
                 ax.legend(fontsize=7)
             else:
                 ax.text(0.5, 0.5, "no per-layer diagnostics", transform=ax.transAxes, ha="center", color="gray")
-        fig.suptitle("IA vs depth at the best checkpoint: each layer's output, deepest stack per variant", fontsize=12)
+        fig.suptitle("IA vs depth (best checkpoint): each layer's output, deepest stack per variant", fontsize=11)
         fig.tight_layout()
         paths.append(out / "roblock_ia_vs_depth.png")
         fig.savefig(paths[-1], dpi=FIG_DPI)

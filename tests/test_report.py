@@ -219,13 +219,14 @@ def test_figures_fig8a_and_fig8b_from_values_json(store, exp, tmp_path):
     for mode, base in (("SE", 2.0), ("ME", 6.0)):
         for seed in (0, 1):
             add_run(store, exp, mode=mode, scale=10, seed=seed, cell=f"f-{mode}", auc=0.81 + seed / 1000,
-                    metrics={"diag_best/ia/mean": base, "diag/ia/mean": [(8, 99.0)]},
+                    metrics={"diag_best/ia/mean": base, "diag/ia/mean": [(8, 99.0)],
+                             **({"diag_best/diversity/mean": 0.6} if mode == "ME" else {})},
                     artifacts={"diagnostics/best/values.json": json.dumps(
                         {"step": 4, "metrics": {"ia/C1": base + seed, "ia/C2": 1.5, "ia/mean": base}}),
                         "data/spec.json": spec})
     add_run(store, exp, mode="SE", scale=1, cell="f-1x", auc=0.812)
     res, out = report(store, exp, tmp_path, figures=True)
-    for name in ("scalability.png", "ia_per_field.png"):
+    for name in ("scalability.png", "ia_per_field.png", "diversity.png"):
         assert (out / name).stat().st_size > 10_000
     assert "per-field IA, SE vs ME, DCNv2 10x" in (out / "report.md").read_text()
     from recscale.report import group_cells, load_runs
