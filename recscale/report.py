@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -494,6 +495,7 @@ def _depth_value(v: str | None) -> int | None:
     return int(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
+@functools.lru_cache(maxsize=None)
 def _class_default_depth(class_path: str) -> int | None:
     """The depth a backbone has when the config leaves it at its default (read from the class's signature)."""
     import importlib
@@ -606,8 +608,11 @@ def roblock_section(cells: list[Cell]) -> tuple[Section, dict]:
                     md_rows.append([DISPLAY.get(bb, bb), str(d), w, v, str(c.n) if c else "0", fmt(auc),
                                     DASH if diff is None else f"{diff:+.5f}", fmt(ia, 2),
                                     f"+{len(sl.others)} other cell(s)" if sl.others else ""])
-    md = md_table(["backbone", "depth L", "width", "variant", "n", "test AUC", "Δ vs plain", "IA of layer L",
-                   "notes"], md_rows)
+    md = ("Width M = embedding sets (ME, D per set). Δ vs plain: RoBlock minus the plain stack of the same backbone, "
+          "depth and width. IA of layer L: mean per-field IA of the last stacked layer's output at the best checkpoint "
+          "(`diag_best/layerL/ia_mean`; for RoBlock the block output after the residual, ROBLOCK.md §2.8 E1).\n\n"
+          + md_table(["backbone", "depth L", "width", "variant", "n", "test AUC", "Δ vs plain", "IA of layer L",
+                      "notes"], md_rows))
     return Section("RoBlock: plain vs RoBlock stacks (issue 11)", md, rows, others), \
         {"shown": shown, "backbones": backbones, "depths": depths, "widths": widths, "variants": variants}
 
