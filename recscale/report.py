@@ -474,13 +474,29 @@ def icml_table2(cells: list[Cell]) -> Section:
 DEPTH_KEYS = ("depth", "num_blocks", "blocks", "num_layers", "n_layers", "layers", "cross_layers", "cin_layers",
               "attention_layers")
 BETA_KEYS = ("beta", "hsic_beta", "beta_hsic", "hsic_weight")
-INTERACTIONS = {"cross_v2": "DCNv2", "cross": "DCNv2", "crossv2": "DCNv2", "dcnv2": "DCNv2", "cin": "XDeepFM",
+INTERACTIONS = {"cross_v2": "DCNv2", "dhen_layer": "DHEN", "cross": "DCNv2", "crossv2": "DCNv2", "dcnv2": "DCNv2", "cin": "XDeepFM",
                 "xdeepfm": "XDeepFM", "dhen": "DHEN", "mlp": "DNN", "dnn": "DNN", "none": "none"}
 DISPLAY = {"XDeepFM": "xDeepFM"}
 
 
 def is_roblock(r: Run) -> bool:
-    return "roblock" in r.model.lower() or "roblock" in r.params.get("model.backbone.class_path", "").lower()
+    """A RoBlock run: the tag ``variant`` (``roblock`` / ``plain``, set by ``make grid-roblock``) when present; else a
+    backbone class named RoBlock* with at least one component on (RoBlockNet with rebalance, decoupler and router all
+    ``none`` is the plain stack, exactly DCNv2 / xDeepFM / DHEN)."""
+    v = r.tag("variant").lower()
+    if v:
+        return v != "plain"
+    cls = r.params.get("model.backbone.class_path", "") or r.model
+    if "roblock" not in cls.lower() and "roblock" not in r.model.lower():
+        return False
+    pre = "model.backbone.init_args."
+    parts = [r.params.get(pre + k) for k in ("rebalance", "decoupler", "router")]
+    return not all(p == "none" for p in parts)
+
+
+def _is_stack_run(r: Run) -> bool:
+    cls = r.params.get("model.backbone.class_path", "") or r.model
+    return r.grid == "roblock" or "roblock" in cls.lower() or "roblock" in r.model.lower() or r.model == "DHEN"
 
 
 def _depth_value(v: str | None) -> int | None:
@@ -517,9 +533,13 @@ def _class_default_depth(class_path: str) -> int | None:
 
 
 def roblock_depth(r: Run) -> int | None:
-    """Number of stacked layers/blocks: the first of ``model.backbone.init_args.{depth, num_blocks, blocks, num_layers,
-    n_layers, layers, cross_layers, cin_layers, attention_layers}`` logged (a list counts its entries), else the
-    backbone class's default for that argument, else the deepest ``layer{l}`` diagnostic."""
+    """Number of stacked layers/blocks: the tag ``depth`` (``make grid-roblock``), else the first of
+    ``model.backbone.init_args.{depth, num_blocks, blocks, num_layers, n_layers, layers, cross_layers, cin_layers,
+    attention_layers}`` logged (a list counts its entries), else the backbone class's default for that argument, else
+    the deepest ``layer{l}`` diagnostic."""
+    d = _depth_value(r.tag("depth") or None)
+    if d is not None:
+        return d
     for k in DEPTH_KEYS:
         d = _depth_value(r.params.get(f"model.backbone.init_args.{k}"))
         if d is not None:
@@ -532,31 +552,37 @@ def roblock_depth(r: Run) -> int | None:
 
 
 def roblock_backbone(r: Run) -> str:
-    """The interaction the stack is built on: a plain run's model tag; for RoBlock, the ``interaction`` (or nested
-    backbone class) under ``model.backbone.init_args``, else the model tag without its ``RoBlock`` prefix."""
-    if not is_roblock(r):
-        return r.model
+    """The interaction the stack is built on: the tag ``backbone`` (``make grid-roblock``: dcnv2, xdeepfm, dhen), else
+    ``model.backbone.init_args.interaction`` (cross, cin, dhen, mlp, none) or a nested backbone class, else the model
+    tag without a ``RoBlock`` prefix (a plain DCNv2 / XDeepFM / DHEN run: its model tag)."""
+    t = r.tag("backbone")
+    if t:
+        return INTERACTIONS.get(t.lower(), t)
     pre = "model.backbone.init_args."
     for k, v in sorted(r.params.items()):
-        if not k.startswith(pre):
-            continue
-        rest = k[len(pre):]
-        if rest in ("interaction", "interaction.class_path", "backbone", "backbone.class_path", "base",
-                    "base.class_path"):
+        if k.startswith(pre) and k[len(pre):] in ("interaction", "interaction.class_path", "backbone",
+                                                   "backbone.class_path", "base", "base.class_path"):
             name = v.rsplit(".", 1)[-1]
             return INTERACTIONS.get(name.lower(), name)
-    suffix = re.sub(r"(?i)^roblock[_-]?", "", r.model)
+    suffix = re.sub(r"(?i)^roblock(net)?[_-]?", "", r.model)
     return INTERACTIONS.get(suffix.lower(), suffix) if suffix else "?"
 
 
 def roblock_width(r: Run) -> str:
-    """Embedding sets M (ME width, D per set); an SE run at k x is an SE comparison, labelled so."""
+    """Embedding sets M (ME width, D per set; the tag ``width`` of ``make grid-roblock``); an SE run at k x is an SE
+    comparison, labelled so."""
+    w = _num(r.tag("width") or None)
+    if w is not None:
+        return f"M={int(w)}"
     if r.scale <= 1 or r.mode == "ME":
         return f"M={max(r.scale, 1)}"
     return f"SE {r.scale}x"
 
 
 def roblock_beta(r: Run) -> float | None:
+    b = _num(r.tag("beta") or None)
+    if b is not None:
+        return b
     for k, v in r.params.items():
         if k.startswith("model.") and k.rsplit(".", 1)[-1] in BETA_KEYS:
             return _num(v)
@@ -576,7 +602,7 @@ def roblock_section(cells: list[Cell]) -> tuple[Section, dict]:
     slots_in: dict[tuple, list[Cell]] = defaultdict(list)
     for c in cells:
         r = c.first
-        if not (r.grid.startswith("roblock") or is_roblock(r) or r.model == "DHEN"):
+        if r.grid == "roblock-ablation" or not _is_stack_run(r):
             continue
         d = roblock_depth(r)
         slots_in[(roblock_backbone(r), d, roblock_width(r), roblock_variant(r))].append(c)
@@ -603,18 +629,52 @@ def roblock_section(cells: list[Cell]) -> tuple[Section, dict]:
                     rows.append({"backbone": DISPLAY.get(bb, bb), "depth": d, "width": w, "variant": v,
                                  "n": c.n if c else 0, "auc_mean": auc.mean if auc else "",
                                  "auc_std": auc.std if auc and auc.std is not None else "",
-                                 "diff_vs_plain": "" if diff is None else diff,
+                                 "diff_vs_plain": "" if diff is None else diff, "diff_vs_all_on": "",
                                  "ia_last_layer": ia.mean if ia else "", "cell_hash": c.key[0] if c else ""})
                     md_rows.append([DISPLAY.get(bb, bb), str(d), w, v, str(c.n) if c else "0", fmt(auc),
                                     DASH if diff is None else f"{diff:+.5f}", fmt(ia, 2),
                                     f"+{len(sl.others)} other cell(s)" if sl.others else ""])
+    abl = roblock_ablations(cells)
     md = ("Width M = embedding sets (ME, D per set). Δ vs plain: RoBlock minus the plain stack of the same backbone, "
           "depth and width. IA of layer L: mean per-field IA of the last stacked layer's output at the best checkpoint "
           "(`diag_best/layerL/ia_mean`; for RoBlock the block output after the residual, ROBLOCK.md §2.8 E1).\n\n"
           + md_table(["backbone", "depth L", "width", "variant", "n", "test AUC", "Δ vs plain", "IA of layer L",
-                      "notes"], md_rows))
+                      "notes"], md_rows)) + abl[0]
+    rows += abl[1]
     return Section("RoBlock: plain vs RoBlock stacks (issue 11)", md, rows, others), \
         {"shown": shown, "backbones": backbones, "depths": depths, "widths": widths, "variants": variants}
+
+
+ALL_ON = "rebalance1-decoupler1-router1"  # the ablation grid's reference cell (every component on, K = 4)
+
+
+def roblock_ablations(cells: list[Cell]) -> tuple[str, list[dict]]:
+    """The component ablations (``make grid-roblock-ablation``, tag ``ablation``): one row per cell, Δ against the
+    all-on cell of the same backbone, depth and width."""
+    abl = [c for c in cells if c.first.grid == "roblock-ablation"]
+    if not abl:
+        return "", []
+    key = lambda c: (roblock_backbone(c.first), roblock_depth(c.first), roblock_width(c.first))  # noqa: E731
+    ref: dict[tuple, Cell] = {}
+    for c in abl:
+        if c.first.tag("ablation") == ALL_ON and (key(c) not in ref or c.n > ref[key(c)].n):
+            ref[key(c)] = c
+    rows, md_rows = [], []
+    for c in sorted(abl, key=lambda c: (key(c), c.first.tag("ablation"))):
+        bb, d, w = key(c)
+        auc, base = c.auc, ref.get(key(c))
+        diff = auc.mean - base.auc.mean if auc and base and base.auc and base is not c else None
+        label = c.first.tag("ablation", c.key[0])
+        ia = c.diag(f"layer{d}/ia_mean")
+        rows.append({"backbone": DISPLAY.get(bb, bb), "depth": d, "width": w, "variant": f"ablation {label}",
+                     "n": c.n, "auc_mean": auc.mean if auc else "", "auc_std": auc.std if auc and auc.std is not None
+                     else "", "diff_vs_plain": "", "diff_vs_all_on": "" if diff is None else diff,
+                     "ia_last_layer": ia.mean if ia else "", "cell_hash": c.key[0]})
+        md_rows.append([DISPLAY.get(bb, bb), str(d), w, label, str(c.n), fmt(auc),
+                        DASH if diff is None else f"{diff:+.5f}", fmt(ia, 2)])
+    return ("\n\n### RoBlock component ablations (Δ vs all components on)\n\n"
+            + md_table(["backbone", "depth L", "width", "ablation", "n", "test AUC", "Δ vs all on", "IA of layer L"],
+                       md_rows)), rows
 
 
 # ---------------------------------------------------------------------------------------------------------- output

@@ -208,7 +208,10 @@ def roblock_figures(rb: dict, out: Path) -> list[Path]:
     plt = _plt()
     paths = []
     lines = [(v, w) for v in rb["variants"] for w in rb["widths"]]
-    style = {v: ("o-" if v == "plain" else "s--") for v in rb["variants"]}
+    # colour = variant (plain, each β), marker and line = width: the same meaning in every panel and both figures
+    color = {v: f"C{i}" for i, v in enumerate(rb["variants"])}
+    fmts = ["o-", "s--", "^:", "d-."]
+    style = {w: fmts[i % len(fmts)] for i, w in enumerate(rb["widths"])}
     size = (max(7.0, 4.5 * len(bbs) + 1), 4.5)
     fig, axes = plt.subplots(1, len(bbs), figsize=size, squeeze=False)
     for ax, bb in zip(axes[0], bbs):
@@ -217,7 +220,7 @@ def roblock_figures(rb: dict, out: Path) -> list[Path]:
                    if shown.get((bb, d, w, v)) and shown[(bb, d, w, v)].auc]
             if pts:
                 ds, st = zip(*pts)
-                _errorbar(ax, ds, list(st), style[v], f"{v}, {w}")
+                _errorbar(ax, ds, list(st), style[w], f"{v}, {w}", color[v])
         ax.set_xscale("log", base=2)
         ax.set_xticks(rb["depths"], [str(d) for d in rb["depths"]])
         ax.minorticks_off()
@@ -247,7 +250,7 @@ def roblock_figures(rb: dict, out: Path) -> list[Path]:
             for (b, v, w), (d, pts) in curves.items():
                 if b == bb:
                     ls, st = zip(*pts)
-                    _errorbar(ax, ls, list(st), style[v], f"{v}, {w} (L={d})")
+                    _errorbar(ax, ls, list(st), style[w], f"{v}, {w} (L={d})", color[v])
             ax.xaxis.get_major_locator().set_params(integer=True)
             ax.set_xlabel("layer l", fontsize=9)
             ax.set_ylabel("mean per-field IA of layer l's output", fontsize=9)

@@ -188,28 +188,46 @@ def test_table2_keeps_raw_and_row_normalised_ia_apart(store, exp, tmp_path):
 
 
 def test_roblock_section(store, exp, tmp_path):
-    rb = {"model.backbone.class_path": "recscale.models.RoBlock", "model.backbone.init_args.interaction": "cross_v2",
-          "model.backbone.init_args.depth": "2", "model.backbone.init_args.beta": "0.1"}
+    # as `make grid-roblock` tags them: one class (RoBlockNet) for plain and RoBlock, variant/backbone/depth/width/beta
+    grid = {"grid": "roblock", "backbone": "dcnv2", "depth": "2", "width": "1"}
     for seed, (plain, rob) in enumerate([(0.800, 0.803), (0.802, 0.807)]):
-        add_run(store, exp, model="DCNv2", grid="roblock", cell="plain2", seed=seed, auc=plain,
-                params={"model.backbone.class_path": "recscale.models.DCNv2",
-                        "model.backbone.init_args.cross_layers": "2"},
+        add_run(store, exp, model="RoBlockNet", grid="roblock", cell="plain2", seed=seed, auc=plain,
+                tags={**grid, "variant": "plain", "beta": ""},
                 metrics={"diag_best/layer1/ia_mean": 5.0, "diag_best/layer2/ia_mean": 4.0})
-        add_run(store, exp, model="RoBlock", grid="roblock", cell="rob2", seed=seed, auc=rob, params=rb,
+        add_run(store, exp, model="RoBlockNet", grid="roblock", cell="rob2", seed=seed, auc=rob,
+                tags={**grid, "variant": "roblock", "beta": "0.1"},
                 metrics={"diag_best/layer1/ia_mean": 5.0, "diag_best/layer2/ia_mean": 5.5})
-    # depth from the class default (DCNv2: 4 cross layers), ME 4x width
+    # no grid tags: everything from the params (RoBlockNet with every component off is the plain stack)
+    pre = "model.backbone.init_args."
+    add_run(store, exp, model="RoBlockNet", grid="", mode="ME", scale=4, cell="hand-rob", auc=0.79, params={
+        "model.backbone.class_path": "recscale.models.RoBlockNet", pre + "interaction": "cin", pre + "blocks": "8",
+        pre + "beta": "0.5", pre + "rebalance": "rank1", pre + "decoupler": "linear", pre + "router": "dynamic"})
+    add_run(store, exp, model="RoBlockNet", grid="", mode="ME", scale=4, cell="hand-plain", auc=0.78, params={
+        "model.backbone.class_path": "recscale.models.RoBlockNet", pre + "interaction": "cin", pre + "blocks": "8",
+        pre + "beta": "0.0", pre + "rebalance": "none", pre + "decoupler": "none", pre + "router": "none"})
+    # a plain DCNv2 of the grid at its class default depth (4 cross layers)
     add_run(store, exp, model="DCNv2", mode="ME", scale=4, grid="roblock", cell="plain4",
             params={"model.backbone.class_path": "recscale.models.DCNv2"}, auc=0.81)
+    # ablations: their own table, Δ against the all-on cell, never in the main one
+    abl = {"grid": "roblock-ablation", "backbone": "dcnv2", "depth": "4", "width": "4"}
+    add_run(store, exp, model="RoBlockNet", grid="roblock-ablation", cell="all-on", auc=0.812,
+            tags={**abl, "ablation": "rebalance1-decoupler1-router1"})
+    add_run(store, exp, model="RoBlockNet", grid="roblock-ablation", cell="no-router", auc=0.810,
+            tags={**abl, "ablation": "rebalance1-decoupler1-router0"})
     _, out = report(store, exp, tmp_path, figures=True)
     got = {(r["backbone"], r["depth"], r["width"], r["variant"]): r for r in rows(out / "roblock.csv")}
     p, r = got[("DCNv2", "2", "M=1", "plain")], got[("DCNv2", "2", "M=1", "RoBlock β=0.1")]
     assert p["n"] == "2" and float(p["auc_mean"]) == pytest.approx(0.801)
     assert float(r["diff_vs_plain"]) == pytest.approx(0.805 - 0.801)
     assert float(r["ia_last_layer"]) == 5.5 and float(p["ia_last_layer"]) == 4.0
-    assert got[("DCNv2", "4", "M=4", "plain")]["n"] == "1"
+    assert float(got[("xDeepFM", "8", "M=4", "RoBlock β=0.5")]["diff_vs_plain"]) == pytest.approx(0.01)
+    assert got[("DCNv2", "4", "M=4", "plain")]["auc_mean"] == "0.81"
+    assert got[("DCNv2", "4", "M=4", "RoBlock β=0.1")]["auc_mean"] == ""  # the ablation cell stays out
     assert got[("DHEN", "8", "M=1", "plain")]["auc_mean"] == ""  # missing cell
+    assert float(got[("DCNv2", "4", "M=4", "ablation rebalance1-decoupler1-router0")]["diff_vs_all_on"]) \
+        == pytest.approx(-0.002)
     md = (out / "roblock.md").read_text()
-    assert "| xDeepFM | 1 | M=1 | plain | 0 | — | — | — |" in md
+    assert "| xDeepFM | 1 | M=1 | plain | 0 | — | — | — |" in md and "component ablations" in md
     assert (out / "roblock_auc_vs_depth.png").stat().st_size > 10_000
     assert (out / "roblock_ia_vs_depth.png").stat().st_size > 10_000
 
