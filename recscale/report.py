@@ -390,7 +390,7 @@ def sigir_table1(cells: list[Cell], dataset: str) -> Section:
         r = c.first
         if r.model in SIGIR_NAMES and (r.grid == "sigir" or r.recipe.startswith("sigir26")):
             slots_in[SIGIR_NAMES[r.model]].append(c)
-    prefer = lambda c: (c.first.recipe.startswith("sigir26"), c.first.grid == "sigir")  # noqa: E731
+    prefer = lambda c: (c.first.recipe == "sigir26", c.first.grid == "sigir")  # noqa: E731
     rows, md_rows, others = [], [], []
     for model in SIGIR_NAMES.values():
         sl = choose(slots_in.get(model, []), prefer)
@@ -399,7 +399,7 @@ def sigir_table1(cells: list[Cell], dataset: str) -> Section:
         auc = c.auc if c else None
         rk, rkg = (c.diag("rankme/embeddings"), c.diag("rankme/gradients")) if c else (None, None)
         sample = c.diag("rankme/sample_rows") if c else None
-        like = bool(c) and c.first.recipe.startswith("sigir26")
+        like = bool(c) and c.first.recipe == "sigir26"  # "sigir26+override" (another optimizer) is not the recipe
         notes = []
         if c and not like:
             notes.append(f"⚠ recipe {c.first.recipe}, not sigir26: Δ not like-for-like")

@@ -158,6 +158,7 @@ def test_sigir_table_flags_runs_of_another_recipe(store, exp, tmp_path):
     add_run(store, exp, model="DeepFM", grid="sigir", recipe="icml24", cell="s1", auc=0.8100,
             metrics={"diag_best/rankme/embeddings": 150.0, "diag_best/rankme/sample_rows": 1000.0})
     add_run(store, exp, model="FM", grid="sigir", recipe="icml24", cell="s2", auc=0.8000)
+    add_run(store, exp, model="CrossNetParallel", grid="sigir", recipe="sigir26+override", cell="s4", auc=0.81)
     add_run(store, exp, model="FM", grid="sigir", recipe="sigir26", protocol="criteo_x1", cell="s3", auc=0.8020,
             metrics={"diag_best/rankme/embeddings": 70.0})
     _, out = report(store, exp, tmp_path)
@@ -171,6 +172,7 @@ def test_sigir_table_flags_runs_of_another_recipe(store, exp, tmp_path):
     fm = next(ln for ln in md.splitlines() if ln.startswith("| FM |"))
     assert "⚠" not in fm and "sigir26 / criteo_x1" in fm and "+1 other cell(s)" in fm
     assert next(ln for ln in md.splitlines() if ln.startswith("| CrossNet |")).count("—") >= 5  # no runs
+    assert sig["CrossNet+p-DNN"]["like_for_like"] == "False"  # another optimizer replaced the recipe
 
 
 def test_table2_keeps_raw_and_row_normalised_ia_apart(store, exp, tmp_path):
