@@ -804,6 +804,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-summary-run", action="store_true")
     a = ap.parse_args(argv)
     uri = a.tracking_uri or default_tracking_uri()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per downloaded values.json
     try:
         res = build_report(uri, a.experiment, a.dataset, a.output, not a.no_summary_run, parse_filters(a.filter),
                            not a.no_figures)

@@ -68,19 +68,18 @@ def fig8a(t1: dict, out: Path) -> Path | None:
             if paper[mode]:
                 ks, st = zip(*paper[mode])
                 _errorbar(pax, ks, list(st), "x--", f"{mode} (paper)", colors[mode])
-        if not ys:
-            ax.text(0.98, 0.03, "no runs (paper only)", transform=ax.transAxes, ha="right", fontsize=9, color="gray")
-        ax.set_title(model, fontsize=11)
+        ax.set_title(model if ys else f"{model} (no runs: paper only)", fontsize=11)
         ax.set_xscale("log")
         ax.set_xticks(SCALES, [f"{k}x" for k in SCALES])
         ax.minorticks_off()
         ax.tick_params(labelsize=8)
         ax.set_xlabel("model scale", fontsize=9)
         ax.set_ylabel("test AUC", fontsize=9)
-        handles = [h for a in {ax, pax} for h in a.get_legend_handles_labels()[0]]
-        labels = [lb for a in {ax, pax} for lb in a.get_legend_handles_labels()[1]]
-        if handles:
-            ax.legend(handles, labels, fontsize=7, loc="best")
+        both = [ax] + ([pax] if pax is not ax else [])
+        handles = [h for a in both for h in a.get_legend_handles_labels()[0]]
+        labels = [lb for a in both for lb in a.get_legend_handles_labels()[1]]
+        if handles:  # on the top-most axis, so the twin axis' curves do not cross it
+            pax.legend(handles, labels, fontsize=7, loc="best", framealpha=0.9)
     fig.suptitle("Test AUC vs model scale, SE vs ME: ours (mean ± std over seeds) and the paper (ICML 2024 Fig. 8a)",
                  fontsize=12)
     fig.tight_layout()
