@@ -359,6 +359,8 @@ def icml_table1(cells: list[Cell], dataset: str) -> tuple[Section, dict]:
                     flag.append(f"⚠ recipe {c.first.recipe}")
                 if c and c.without_best_diag:
                     flag.append(f"{c.without_best_diag} run(s) without best-step diagnostics")
+                if c and c.first.normalize_rows:
+                    flag.append("IA row-normalised")
                 rows.append({"dataset": dataset, "model": model, "mode": "SE=ME" if k == 1 else mode, "scale": k,
                              "n": c.n if c else 0, "auc_mean": auc.mean if auc else "",
                              "auc_std": auc.std if auc and auc.std is not None else "",
