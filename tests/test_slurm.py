@@ -37,13 +37,15 @@ def slurm_down_reason() -> str | None:
     except subprocess.TimeoutExpired:
         return "slurmctld does not answer within 20 s"
     if "UP" not in ping.stdout:
-        return f"slurmctld is not up ({(ping.stdout + ping.stderr).strip()}): `make slurm-up`"
+        said = (ping.stdout + ping.stderr).strip().splitlines()
+        return f"slurmctld is not up ({said[0] if said else 'no answer'}): `make slurm-up` (root)"
     if not {"idle", "mix", "alloc", "comp"} & set(nodes.stdout.split()):
         return f"no usable SLURM node (sinfo states: {nodes.stdout.split()}): see `make slurm-up`"
     return None
 
 
-needs_slurm = pytest.mark.skipif(slurm_down_reason() is not None, reason=str(slurm_down_reason()))
+SLURM_DOWN = slurm_down_reason()
+needs_slurm = pytest.mark.skipif(SLURM_DOWN is not None, reason=str(SLURM_DOWN))
 
 
 def grid(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
