@@ -63,7 +63,7 @@ ROBLOCK_BACKBONES = ["DCNv2", "XDeepFM", "DHEN"]  # issue 11's grid; others appe
 ROBLOCK_DEPTHS = [1, 2, 4, 8]
 ROBLOCK_WIDTHS = ["M=1", "M=4"]
 # diagnostics the report reads (keys after "diag/" / "diag_best/"); per-field values come from values.json
-HEADLINE = re.compile(r"^(ia/mean|ia_set/mean|rankme/embeddings|rankme/gradients|rankme/sample_rows|diversity/mean|"
+HEADLINE = re.compile(r"^(ia/mean|ia_set/mean|rankme/embeddings|rankme/gradients|rankme/sample_rows|diversity/mean|diversity_se_split/mean|"
                       r"sub_ia/correlation_factor|layer\d+/(ia_mean|rankme))$")
 DASH = "—"
 

@@ -7,7 +7,7 @@
   DCNv2 if present, at the largest scale with both SE and ME runs), fields by cardinality, from the best checkpoint's
   ``diagnostics/best/values.json``.
 * ``diversity.png``: ICML 2024 Fig. 10a, mean embedding-set diversity (1 − mean principal cosine over set pairs and
-  fields) of the ME runs per scale; SE runs when they log it.
+  fields) per scale k: ME runs' k sets, and SE runs' embedding split into k sets (``diversity_se_split/mean``).
 * ``roblock_auc_vs_depth.png`` / ``roblock_ia_vs_depth.png``: issue 11, test AUC vs depth L and the per-layer mean IA
   (``layer{l}/ia_mean`` at the best checkpoint) of the deepest stack, plain vs RoBlock.
 """
@@ -167,8 +167,9 @@ def fig10a(cells: list[Cell], out: Path) -> Path | None:
     pts: dict[tuple[str, str], list[tuple[int, Stat]]] = {}
     for c in cells:
         r = c.first
-        s = c.diag("diversity/mean")
-        if s and r.model in ICML_NAMES and r.grid in ("", "icml24"):
+        # ME: diversity of its sets; SE at k x: its embedding split into k sets of the base size (as the paper does)
+        s = c.diag("diversity/mean" if r.mode == "ME" else "diversity_se_split/mean")
+        if s and r.model in ICML_NAMES and r.grid in ("", "icml24") and r.scale > 1:
             pts.setdefault((ICML_NAMES[r.model], r.mode), []).append((r.scale, s))
     if not pts:
         return None
@@ -183,13 +184,14 @@ def fig10a(cells: list[Cell], out: Path) -> Path | None:
         st = [by[k] for k in scales if k in by]
         ax.bar(xs, [s.mean for s in st], width, yerr=[s.std or 0 for s in st], capsize=3, label=f"{key[0]} {key[1]}")
     ax.set_xticks(range(len(scales)), [f"{k}x" for k in scales], fontsize=9)
-    ax.set_xlabel("model scale (number of embedding sets for ME)", fontsize=9)
+    ax.set_xlabel("model scale k (ME: k embedding sets; SE: its embedding split into k sets)", fontsize=9)
     ax.set_ylabel("diversity = 1 − mean principal cosine", fontsize=9)
     ax.set_ylim(0, 1)
+    ax.set_xlim(-0.6, len(scales) - 0.4)
     ax.legend(fontsize=8)
     se = any(k[1] == "SE" for k in keys)
     ax.set_title("Embedding-set diversity, best checkpoint (ICML 2024 Fig. 10a)"
-                 + ("" if se else "\nSE runs log no diversity (the paper splits SE into sets): ME only"), fontsize=11)
+                 + ("" if se else "\nno SE run logs diversity_se_split (older runs): ME only"), fontsize=11)
     fig.tight_layout()
     p = out / "diversity.png"
     fig.savefig(p, dpi=FIG_DPI)

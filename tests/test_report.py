@@ -240,7 +240,8 @@ def test_figures_fig8a_and_fig8b_from_values_json(store, exp, tmp_path):
         for seed in (0, 1):
             add_run(store, exp, mode=mode, scale=10, seed=seed, cell=f"f-{mode}", auc=0.81 + seed / 1000,
                     metrics={"diag_best/ia/mean": base, "diag/ia/mean": [(8, 99.0)],
-                             **({"diag_best/diversity/mean": 0.6} if mode == "ME" else {})},
+                             ("diag_best/diversity/mean" if mode == "ME" else "diag_best/diversity_se_split/mean"):
+                             0.6 if mode == "ME" else 0.2},
                     artifacts={"diagnostics/best/values.json": json.dumps(
                         {"step": 4, "metrics": {"ia/C1": base + seed, "ia/C2": 1.5, "ia/mean": base}}),
                         "data/spec.json": spec})
