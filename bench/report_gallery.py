@@ -80,7 +80,8 @@ def main() -> int:
     os.chdir(WORK)  # the fits' checkpoints/ go under outputs/gallery/
     t = time.perf_counter()
     res = run_grid(cells, FAST, jobs=a.jobs, tracking_uri=uri, experiment="gallery", log_dir=str(WORK / "logs"))
-    print(f"grid: {res['ran']} ran, {res['skipped']} skipped, failed {res['failed']} in {time.perf_counter() - t:.0f} s")
+    print(f"grid: {res['ran']} ran, {res['skipped']} skipped, failed {res['failed']} "
+          f"in {time.perf_counter() - t:.0f} s")
     print(f"best_step backfilled from the best checkpoints of {backfill_best_step(uri, [WORK, ROOT])} run(s)")
     rep = build_report(uri, "gallery", "criteo", str(WORK / "report"), summary_run=False)
     print(f"report: {rep['runs']} runs in {rep['cells']} cells: {', '.join(rep['files'])}")

@@ -63,8 +63,8 @@ ROBLOCK_BACKBONES = ["DCNv2", "XDeepFM", "DHEN"]  # issue 11's grid; others appe
 ROBLOCK_DEPTHS = [1, 2, 4, 8]
 ROBLOCK_WIDTHS = ["M=1", "M=4"]
 # diagnostics the report reads (keys after "diag/" / "diag_best/"); per-field values come from values.json
-HEADLINE = re.compile(r"^(ia/mean|ia_set/mean|rankme/embeddings|rankme/gradients|rankme/sample_rows|diversity/mean|diversity_se_split/mean|"
-                      r"sub_ia/correlation_factor|layer\d+/(ia_mean|rankme))$")
+HEADLINE = re.compile(r"^(ia/mean|ia_set/mean|rankme/embeddings|rankme/gradients|rankme/sample_rows|diversity/mean|"
+                      r"diversity_se_split/mean|sub_ia/correlation_factor|layer\d+/(ia_mean|rankme))$")
 DASH = "—"
 
 
@@ -476,7 +476,8 @@ def icml_table2(cells: list[Cell]) -> Section:
 DEPTH_KEYS = ("depth", "num_blocks", "blocks", "num_layers", "n_layers", "layers", "cross_layers", "cin_layers",
               "attention_layers")
 BETA_KEYS = ("beta", "hsic_beta", "beta_hsic", "hsic_weight")
-INTERACTIONS = {"cross_v2": "DCNv2", "dhen_layer": "DHEN", "cross": "DCNv2", "crossv2": "DCNv2", "dcnv2": "DCNv2", "cin": "XDeepFM",
+INTERACTIONS = {"cross_v2": "DCNv2", "dhen_layer": "DHEN", "cross": "DCNv2", "crossv2": "DCNv2", "dcnv2": "DCNv2",
+                "cin": "XDeepFM",
                 "xdeepfm": "XDeepFM", "dhen": "DHEN", "mlp": "DNN", "dnn": "DNN", "none": "none"}
 DISPLAY = {"XDeepFM": "xDeepFM"}
 

@@ -66,7 +66,8 @@ def rows(path):
 
 
 def t1(out, model="DCNv2", mode="SE", scale="1"):
-    return next(r for r in rows(out / "icml24_table1.csv") if (r["model"], r["mode"], r["scale"]) == (model, mode, scale))
+    return next(r for r in rows(out / "icml24_table1.csv")
+                if (r["model"], r["mode"], r["scale"]) == (model, mode, scale))
 
 
 def test_diagnostics_are_those_of_the_best_checkpoint(store, exp, tmp_path):
