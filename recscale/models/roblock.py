@@ -206,6 +206,57 @@ class Decoupler(nn.Module):
 
 
 # ------------------------------------------------------------------------------------- component 3: router
+class _RouterMix(torch.autograd.Function):
+    """Gates and mixing of the cross-field router, fused over chunks of the batch with a hand-written backward.
+
+    ``g = softmax_n(q_f U_f + c_f)`` per (b, f, head), ``out[b, f, h] = sum_n g[b, f, h, n] cand[b, n]``. The (B, F,
+    M', N) gate tensor is the router's whole cost (memory-bound: ~10 passes over it per step through autograd); here it
+    only ever exists for ``chunk`` samples at a time (cache-resident) and is recomputed in backward instead of saved:
+    ``dcand = g^T dout``, ``dg = dout cand^T``, ``dlogits = g * (dg - sum_n g dg)``, ``dU = q^T dlogits``,
+    ``dc = sum_b dlogits``, ``dq = dlogits U^T``.
+    Shapes: q (B, F, D), U (F, D, H*N), c (F, H*N), cand (B, N, D) -> out (B, F*H, D).
+    """
+
+    @staticmethod
+    def _gates(q, U, c, H, N):  # (b, F, D) -> (b, F*H, N)
+        lg = torch.baddbmm(c.unsqueeze(1), q.transpose(0, 1), U)  # (F, b, H*N)
+        return torch.softmax(lg.transpose(0, 1).reshape(q.shape[0], -1, N), -1)
+
+    @staticmethod
+    def forward(ctx, q, U, c, cand, heads: int, chunk: int):
+        B, F, D = q.shape
+        N = cand.shape[1]
+        out = cand.new_empty(B, F * heads, D)
+        for b0 in range(0, B, chunk):
+            sl = slice(b0, b0 + chunk)
+            torch.bmm(_RouterMix._gates(q[sl], U, c, heads, N), cand[sl], out=out[sl])
+        ctx.save_for_backward(q, U, c, cand)
+        ctx.heads, ctx.chunk = heads, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):
+        q, U, c, cand = ctx.saved_tensors
+        H, chunk = ctx.heads, ctx.chunk
+        B, F, D = q.shape
+        N = cand.shape[1]
+        dq, dcand = torch.empty_like(q), torch.empty_like(cand)
+        dU, dc = torch.zeros_like(U), torch.zeros_like(c)
+        gout = gout.contiguous()
+        for b0 in range(0, B, chunk):
+            sl = slice(b0, b0 + chunk)
+            g = _RouterMix._gates(q[sl], U, c, H, N)  # (b, F*H, N)
+            go = gout[sl]  # (b, F*H, D)
+            torch.bmm(g.transpose(1, 2), go, out=dcand[sl])
+            dg = torch.bmm(go, cand[sl].transpose(1, 2))
+            dl = g * (dg - (dg * g).sum(-1, keepdim=True))  # softmax backward
+            dl = dl.view(-1, F, H * N).transpose(0, 1)  # (F, b, H*N)
+            dU.baddbmm_(q[sl].transpose(0, 1).transpose(1, 2), dl)
+            dc += dl.sum(1)
+            dq[sl] = torch.bmm(dl, U.transpose(1, 2)).transpose(0, 1)
+        return dq, dU, dc, dcand, None, None
+
+
 class FieldRouter(nn.Module):
     """Field-wise dynamic multi-head router: regenerates M' embedding sets from all components (ROBLOCK.md Sec. 2.4).
 
@@ -225,6 +276,7 @@ class FieldRouter(nn.Module):
         if temperature <= 0:
             raise _config_error(f"router_temperature must be > 0, got {temperature}")
         self.heads, self.variant, self.temperature = heads, variant, temperature
+        self.fused, self.chunk = True, 64  # fused chunked gates (``_RouterMix``); tests switch it off to compare
         self.n = sets * components * (1 if variant == "within_field" else fields)
         bound = 1 / math.sqrt(dim)
         self.U = (nn.Parameter(torch.empty(fields, dim, heads * self.n).uniform_(-bound, bound))
@@ -243,6 +295,10 @@ class FieldRouter(nn.Module):
 
     def forward(self, y: Tensor, c: Tensor) -> Tensor:
         M, B, F, K, D = c.shape
+        if self.fused and self.variant == "dynamic" and self.temperature == 1.0:
+            cand = c.permute(1, 0, 2, 3, 4).reshape(B, M * F * K, D)  # candidate n = (m F + f') K + k
+            out = _RouterMix.apply(y.mean(0), self.U, self.c, cand, self.heads, self.chunk)
+            return out.view(B, F, self.heads, D).permute(2, 0, 1, 3)
         g = self.gates(y)
         if self.variant == "within_field":
             cand = c.permute(1, 2, 0, 3, 4).reshape(B, F, M * K, D)  # candidate n = m K + k of field f
