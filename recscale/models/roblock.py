@@ -276,7 +276,7 @@ class FieldRouter(nn.Module):
         if temperature <= 0:
             raise _config_error(f"router_temperature must be > 0, got {temperature}")
         self.heads, self.variant, self.temperature = heads, variant, temperature
-        self.fused, self.chunk = True, 64  # fused chunked gates (``_RouterMix``); tests switch it off to compare
+        self.fused, self.chunk = True, 16  # fused chunked gates (``_RouterMix``); tests switch it off to compare
         self.n = sets * components * (1 if variant == "within_field" else fields)
         bound = 1 / math.sqrt(dim)
         self.U = (nn.Parameter(torch.empty(fields, dim, heads * self.n).uniform_(-bound, bound))
