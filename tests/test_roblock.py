@@ -399,8 +399,9 @@ def test_roblock_grid_cells_and_dry_run(tmp_path):
     abl = roblock_ablation_cells("criteo", [0])
     assert len(abl) == 8 + 3  # 2^3 component cells + K in {1, 2, 8} (K = 4 is the all-on cell)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'dry.db'}"}
-    p = subprocess.run(["make", "-s", "-o", "install", "-j", "2", "grid-roblock", "DRY_RUN=1", "BACKBONES=dcnv2", "DEPTHS=2",
-                        "WIDTHS=4", "BETAS=0.1", "SEEDS=0", f"VENV={Path(sys.executable).parent.parent}"],
+    # -o install: the dry run must not (re)install the package into the venv
+    p = subprocess.run(["make", "-s", "-o", "install", "-j", "2", "grid-roblock", "DRY_RUN=1", "BACKBONES=dcnv2",
+                        "DEPTHS=2", "WIDTHS=4", "BETAS=0.1", "SEEDS=0", f"VENV={Path(sys.executable).parent.parent}"],
                        capture_output=True, text=True, cwd=ROOT, env=env)
     assert p.returncode == 0, p.stderr
     assert "2 to run (dry run)" in p.stdout and "2 at a time" in p.stdout
