@@ -407,12 +407,15 @@ def test_roblock_grid_cells_and_dry_run(tmp_path):
     assert "2 to run (dry run)" in p.stdout and "2 at a time" in p.stdout
     assert "criteo-roblock-dcnv2-plain-L2-me4x-seed0" in p.stdout
     assert "criteo-roblock-dcnv2-beta0.1-L2-me4x-seed0" in p.stdout
-    p = subprocess.run(["make", "-s", "-o", "install", "grid-roblock-ablation", "DRY_RUN=1", "SEEDS=0",
+    # the ablation target passes its operating point through (make -n: print the command; cells are checked above)
+    p = subprocess.run(["make", "-n", "-o", "install", "grid-roblock-ablation", "AT=dhen,2,1,0.5", "KS=1,2",
                         f"VENV={Path(sys.executable).parent.parent}"], capture_output=True, text=True, cwd=ROOT,
                        env=env)
     assert p.returncode == 0, p.stderr
-    assert "11 to run (dry run)" in p.stdout and "rebalance=none" in p.stdout
-
+    assert 'roblock-ablation --at "dhen,2,1,0.5" --ks "1,2"' in p.stdout
+    abl = roblock_ablation_cells("criteo", [0], "dhen", 2, 1, 0.5, [1, 2])
+    assert len(abl) == 10 and "--model.backbone.init_args.rebalance=none" in abl[-3].argv([])
+    assert any("se1x.yaml" in c for c in abl[0].configs) and "--model.backbone.init_args.beta=0.5" in abl[0].argv([])
 
 
 def test_rank1_elementwise_path_equals_the_gram_path():
