@@ -248,7 +248,9 @@ class _ParseOnly(RecscaleCLI):
 
 def parse_fit_config(argv: list[str]):
     """Parse ``recscale fit`` arguments exactly as `fit` does, without instantiating anything: (parser, config)."""
-    cli = _ParseOnly(CTRModel, CTRDataModule, args=argv, **_cli_kwargs())
+    with warnings.catch_warnings():  # argv is not sys.argv here, on purpose
+        warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
+        cli = _ParseOnly(CTRModel, CTRDataModule, args=argv, **_cli_kwargs())
     return cli._parser("fit"), cli.config["fit"]
 
 
