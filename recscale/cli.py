@@ -17,17 +17,17 @@ import time
 # every command with its one-line summary: the top-level help is built from this table (keep it complete)
 COMMANDS: dict[str, str] = {
     "prepare": "raw Kaggle file -> Parquet shards + spec.json + vocab/",
-    "encode": "encode another raw file with the ids of a prepared directory",
+    "encode": "encode a raw file with the ids of a prepared directory",
     "synth": "write a synthetic raw file in the dataset's own format",
-    "inspect": "stream a prepared split through the DataModule and summarise it",
-    "fit": "train a model (LightningCLI: --config FILE ..., --print_config), tracked in MLflow",
-    "validate": "validation AUC/log loss of a checkpoint (LightningCLI, --ckpt_path)",
-    "test": "test AUC/log loss of a checkpoint (LightningCLI, --ckpt_path)",
-    "predict": "click probabilities of a checkpoint (LightningCLI, --ckpt_path)",
-    "toy": "ICML 2024 toy experiment (App. G, Fig. 4): IA(E1) vs iteration, |X3| = 3 vs 100",
-    "analyze": "recompute every diagnostic for a run's best checkpoint and log it to the run",
-    "grid": "run a paper grid (icml24, sigir, data-fraction) as fit cells, skipping finished ones",
-    "report": "paper tables and figures from the finished runs, next to the published numbers",
+    "inspect": "stream a prepared split through the DataModule, summarised",
+    "fit": "train a model, tracked in MLflow (--config FILE ..., LightningCLI)",
+    "validate": "validation AUC/log loss of a checkpoint (--ckpt_path)",
+    "test": "test AUC/log loss of a checkpoint (--ckpt_path)",
+    "predict": "click probabilities of a checkpoint (--ckpt_path)",
+    "toy": "ICML 2024 toy experiment (App. G, Fig. 4), in seconds",
+    "analyze": "every diagnostic of a run's best checkpoint, logged to the run",
+    "grid": "run a paper grid (icml24, sigir, data-fraction) as fit cells",
+    "report": "paper tables and figures from finished runs vs published ones",
 }
 DATA_COMMANDS = ("prepare", "encode", "synth", "inspect", "toy", "analyze")
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")

@@ -307,7 +307,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-NOT_IDENTITY = ("config", "ckpt_path")  # config keys that do not change what a run computes
+NOT_IDENTITY = ("config", "ckpt_path", "keep_local_best")  # keys that do not change what a run computes
 
 
 def resolved_config(parser, config) -> tuple[str, dict]:
