@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -79,8 +80,7 @@ class SamplesPerSecond(Callback):
             self.t_resume = None
 
     def on_validation_start(self, trainer, pl_module):
-        if trainer.training:  # validation inside fit (not trainer.validate)
-            self._pause()
+        self._pause()  # a no-op outside a training epoch (sanity check, trainer.validate)
 
     def on_train_epoch_end(self, trainer, pl_module):
         self._pause()
@@ -191,13 +191,17 @@ class RecscaleCLI(LightningCLI):
         ckpt = self.trainer.checkpoint_callback
         if ckpt is None or not ckpt.best_model_path or Path(ckpt.best_model_path).exists():
             return
+        best = Path(ckpt.best_model_path)
         for lg in self.trainer.loggers:
             if isinstance(lg, MLFlowLogger) and lg._run_id is not None:
-                stem = Path(ckpt.best_model_path).stem
-                Path(ckpt.best_model_path).parent.mkdir(parents=True, exist_ok=True)
-                local = lg.experiment.download_artifacts(lg.run_id, f"{stem}/{stem}.ckpt",
-                                                         str(Path(ckpt.best_model_path).parent))
-                Path(local).replace(ckpt.best_model_path)
+                try:
+                    with tempfile.TemporaryDirectory(dir=best.parent) as tmp:
+                        local = lg.experiment.download_artifacts(lg.run_id, f"{best.stem}/{best.name}", tmp)
+                        Path(local).replace(best)
+                    return
+                except Exception as e:  # mlflow raises its own exception types
+                    print(f"recscale: warning: the best checkpoint {best} is neither on disk nor in run {lg.run_id} "
+                          f"({e.__class__.__name__})", file=sys.stderr)
 
 
 def _cli_kwargs() -> dict:

@@ -192,7 +192,7 @@ def test_unique_run_names(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ throughput
 class _Trainer:
-    training = True
+    pass
 
 
 class _Module:
@@ -221,6 +221,41 @@ def test_samples_per_s_counts_training_time_only():
     now[0] += 30.0
     cb.on_train_epoch_end(tr, m)
     assert m.logged["train/samples_per_s"] == pytest.approx(400 / 4.0)  # not 400 / 84
+
+
+def test_samples_per_s_in_a_real_fit_leaves_out_validation():
+    """Lightning calls the hooks: a training batch 'takes' 1 s and each validation 100 s on a fake clock."""
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from recscale.train import SamplesPerSecond
+
+    now = [0.0]
+
+    class Clockwork(L.Callback):
+        def on_train_batch_end(self, *args):
+            now[0] += 1.0
+
+        def on_validation_end(self, *args):
+            now[0] += 100.0
+
+    class Model(BoringModel):
+        def train_dataloader(self):
+            from lightning.pytorch.demos.boring_classes import RandomDataset
+
+            return torch.utils.data.DataLoader(RandomDataset(32, 64), batch_size=4)
+
+        def training_step(self, batch, batch_idx):
+            self.rows = len(batch[1])  # what SamplesPerSecond counts per batch
+            return super().training_step(batch, batch_idx)
+
+    model = Model()
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=1, val_check_interval=2,
+                        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[Clockwork(), SamplesPerSecond(clock=lambda: now[0])])
+    trainer.fit(model)
+    assert now[0] == 4 + 2 * 100  # two validations happened, inside the epoch and at its end
+    assert trainer.callback_metrics["train/samples_per_s"].item() == pytest.approx(model.rows / 1.0)
 
 
 # ------------------------------------------------------------------------------------------------ the toy
