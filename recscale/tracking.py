@@ -371,6 +371,18 @@ def run_tags(cfg: dict, hp, spec: dict | None) -> dict[str, str]:
     return tags
 
 
+def log_dataset(client, run_id: str, spec: dict, data_dir: str) -> None:
+    """The prepared data as the run's MLflow dataset input (the runs table's Dataset column): name DATASET-PROTOCOL,
+    digest = the first 16 hex digits of `data_checksum`, source = the data directory, profile = rows per split."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    rows = {k: v.get("rows") for k, v in (spec.get("splits") or {}).items()}
+    ds = Dataset(name=f"{spec.get('dataset', 'data')}-{spec.get('protocol', '?')}",
+                 digest=data_checksum(spec).removeprefix("spec:")[:16], source_type="local", source=data_dir,
+                 profile=json.dumps({"rows": rows}))
+    client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", "training")])])
+
+
 class TrackRun(SaveConfigCallback):
     """Records a run in MLflow before training starts: the resolved config (artifact ``config.yaml`` and flattened
     params), its hash, the tags of `run_tags`, parameter counts and the data spec; prints the run's name, id, store
@@ -403,6 +415,7 @@ class TrackRun(SaveConfigCallback):
             client.log_text(run, text, "config.yaml")
             if isinstance(dm, CTRDataModule):
                 client.log_text(run, json.dumps(dm.spec, indent=2), "data/spec.json")
+                log_dataset(client, run, dm.spec, str(dm.data_dir))
             ckpt = trainer.checkpoint_callback
             if ckpt is not None and ckpt.dirpath:
                 Path(ckpt.dirpath).mkdir(parents=True, exist_ok=True)

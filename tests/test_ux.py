@@ -106,6 +106,8 @@ def test_a_run_is_named_tagged_printed_and_stored_once(criteo_dir, store, tmp_pa
     # C5 tags
     spec = cli.datamodule.spec
     assert t["data_checksum"] == spec["input"]["sha256"] and t["protocol"] == "icml24"
+    (ds,) = client.get_run(run_id).inputs.dataset_inputs  # the runs table's Dataset column
+    assert ds.dataset.name == "criteo-icml24" and ds.dataset.digest == spec["input"]["sha256"][:16]
     assert t["recipe"] == "icml24" and "recipe_override" not in t
     assert len(t["cell_hash"]) == 16 and t["cell_hash"] != t["config_hash"]
     assert len(t["git_commit"]) == 40 and t["git_dirty"] in ("true", "false")
