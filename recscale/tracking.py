@@ -402,6 +402,9 @@ class TrackRun(SaveConfigCallback):
             logger.log_hyperparams({k: v[:6000] for k, v in params.items()})
             hp = getattr(pl_module, "hparams", {})
             tags = run_tags(cfg, hp, dm.spec if isinstance(dm, CTRDataModule) else None)
+            from recscale.slurm import job_tags
+
+            tags.update(job_tags())  # SLURM job/array ids when the run (or its resumption) runs in a SLURM job
             for k, v in tags.items():
                 client.set_tag(run, k, v)
             if "recipe_override" in tags:
