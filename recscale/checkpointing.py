@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 RUN_FILE = "mlflow_run.json"
@@ -53,3 +53,26 @@ class RandomState(Callback):
         name, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
         torch.set_rng_state(state["torch"])
+
+
+class EpochCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose ``last.ckpt`` holds the latest completed epoch.
+
+    Lightning 2.6 writes ``last`` only together with a top-k save, i.e. when the monitored metric improves, so after a
+    kill ``--ckpt_path last`` restarted from the last improvement, several epochs back. Here ``last`` is also written
+    after every epoch that did not improve (the best checkpoints are kept exactly as before)."""
+
+    def _refresh_last(self, trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        # only the validation that ends an epoch (with val_check_interval < 1 others run mid-epoch)
+        if not self._should_save_on_train_epoch_end(trainer) and trainer.fit_loop.epoch_loop._is_training_done:
+            self._refresh_last(trainer)

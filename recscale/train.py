@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 from jsonargparse import lazy_instance
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from recscale.checkpointing import RUN_FILE, AtomicCheckpointIO, RandomState
+from recscale.checkpointing import RUN_FILE, AtomicCheckpointIO, EpochCheckpoint, RandomState
 from recscale.data.datamodule import CTRDataModule
 from recscale.data.formats import PrepareError
 from recscale.diagnostics.callback import CollapseDiagnostics
@@ -66,7 +66,7 @@ class RecscaleCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("data.field_dims", "model.field_dims", apply_on="instantiate")
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(EpochCheckpoint, "checkpoint")  # last.ckpt after every epoch
         parser.add_lightning_class_args(CollapseDiagnostics, "diagnostics")
         parser.add_lightning_class_args(RandomState, "random_state")
         parser.add_argument("--test_after_fit", type=bool, default=True,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
@@ -23,3 +24,20 @@ class StepRecorder(Callback):
         (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
             {"global_step": trainer.global_step, "batches": self.batches, "rows": self.rows,
              "world": trainer.world_size}))
+
+
+class KillAt(Callback):
+    """SIGKILLs its own process at the start of training batch $RECSCALE_KILL_AT = "EPOCH:BATCH" (unset: never), so
+    a test can kill a fit at an exact point; records the first batch a (resumed) fit trains in
+    $RECSCALE_TEST_OUT/start.json."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not getattr(self, "_recorded", False):
+            self._recorded = True
+            out = Path(os.environ["RECSCALE_TEST_OUT"])
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "start.json").write_text(json.dumps({"epoch": trainer.current_epoch, "batch": batch_idx,
+                                                        "global_step": trainer.global_step}))
+        at = os.environ.get("RECSCALE_KILL_AT")
+        if at and (trainer.current_epoch, batch_idx) == tuple(int(v) for v in at.split(":")):
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -2,7 +2,6 @@
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from recscale.checkpointing import AtomicCheckpointIO
 
 
 def recscale(args, tmp, store, extra_env=None, **kw):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(ROOT / "tests"),
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]),
            "RECSCALE_TEST_OUT": str(tmp / "steps"), **(extra_env or {})}
     return subprocess.run([sys.executable, "-m", "recscale", *args], cwd=tmp, env=env, capture_output=True,
                           text=True, **kw)
@@ -70,7 +69,15 @@ def _final_test_auc(store):
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(criteo_dir, tmp_path):
-    args = base_args(criteo_dir) + ["--trainer.max_epochs=4", "--data.batch_size=128", "--seed_everything=7"]
+    """Killed in epoch 2 after two epochs that did not improve the monitored value, a fit resumed with
+    ``--ckpt_path last`` redoes only the killed epoch's batches and ends exactly like an uninterrupted run.
+
+    ``--checkpoint.monitor=epoch --checkpoint.mode=min`` makes epoch 0 the best and every later epoch non-improving,
+    deterministically (val/auc may or may not improve on a given CPU)."""
+    steps_per_epoch = -(-8000 // 128)
+    args = base_args(criteo_dir) + ["--trainer.max_epochs=4", "--data.batch_size=128", "--seed_everything=7",
+                                    "--checkpoint.monitor=epoch", "--checkpoint.mode=min",
+                                    "--trainer.callbacks+=helpers.KillAt"]
     ref_dir, kill_dir = tmp_path / "ref", tmp_path / "kill"
     ref_dir.mkdir(), kill_dir.mkdir()
     ref_store, kill_store = f"sqlite:///{ref_dir / 'm.db'}", f"sqlite:///{kill_dir / 'm.db'}"
@@ -78,19 +85,16 @@ def test_resume_after_sigkill_matches_uninterrupted_run(criteo_dir, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     ref = _final_test_auc(ref_store)
 
-    env = {**os.environ, "MLFLOW_TRACKING_URI": kill_store}
-    proc = subprocess.Popen([sys.executable, "-m", "recscale", *args], cwd=kill_dir, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list((kill_dir / "checkpoints").rglob("last.ckpt")):
-        time.sleep(0.05)
-    time.sleep(random.Random(os.getpid()).uniform(0.1, 0.8))  # somewhere in a later epoch
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    k = recscale(args, kill_dir, kill_store, {"RECSCALE_KILL_AT": "2:3"}, timeout=400)  # SIGKILLs itself
+    assert k.returncode == -signal.SIGKILL, k.stderr[-2000:]
+    last = next((kill_dir / "checkpoints").rglob("last.ckpt"))
+    assert torch.load(last, weights_only=False)["epoch"] == 1, "last.ckpt must hold the latest completed epoch"
     r = recscale(args + ["--ckpt_path=last"], kill_dir, kill_store, timeout=400)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming MLflow run" in r.stderr
+    start = json.loads((kill_dir / "steps" / "start.json").read_text())
+    # work redone: only the 3 batches of epoch 2 that ran before the kill
+    assert (start["epoch"], start["batch"], start["global_step"]) == (2, 0, 2 * steps_per_epoch)
     resumed = _final_test_auc(kill_store)  # still exactly one run
     assert resumed.info.run_id == json.loads(next((kill_dir / "checkpoints").rglob("mlflow_run.json")).read_text())["run_id"]
     assert resumed.data.metrics["test/auc"] == pytest.approx(ref.data.metrics["test/auc"], abs=1e-6)
@@ -99,6 +103,27 @@ def test_resume_after_sigkill_matches_uninterrupted_run(criteo_dir, tmp_path):
     steps_resumed = sorted({h.step for h in c.get_metric_history(resumed.info.run_id, "val/auc")})
     steps_ref = sorted({h.step for h in MlflowClient(ref_store).get_metric_history(ref.info.run_id, "val/auc")})
     assert steps_resumed == steps_ref  # metrics continue at the right steps
+
+
+def test_last_checkpoint_holds_the_latest_epoch_without_improvement(tmp_path):
+    """Lightning's ModelCheckpoint refreshes last.ckpt only with a top-k save; EpochCheckpoint after every epoch."""
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from recscale.checkpointing import EpochCheckpoint
+
+    class Worse(BoringModel):  # the monitored value gets worse every epoch: only epoch 0 is ever the best
+        def validation_step(self, batch, batch_idx):
+            self.log("v", float(self.current_epoch))
+            return super().validation_step(batch, batch_idx)
+
+    ck = EpochCheckpoint(dirpath=tmp_path, monitor="v", mode="min", save_top_k=1, save_last=True)
+    t = L.Trainer(max_epochs=3, callbacks=[ck], limit_train_batches=2, limit_val_batches=1, logger=False,
+                  enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    t.fit(Worse())
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["epoch"] == 2
+    assert torch.load(ck.best_model_path, weights_only=False)["epoch"] == 0
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == sorted(["last.ckpt", os.path.basename(ck.best_model_path)])
 
 
 def test_non_finite_loss_stops_with_the_step(criteo_dir, tmp_path):
