@@ -3,8 +3,10 @@ checkpoint directory to its MLflow run."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,20 +23,42 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, read-only, ...); the message names the file and the fix."""
+
+
+def _write_failure(path: Path, e: BaseException) -> CheckpointWriteError:
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = -1
+    # torch's zip writer reports a full disk as RuntimeError("[enforce fail at inline_container.cc] unexpected pos")
+    full = getattr(e, "errno", None) == errno.ENOSPC or (isinstance(e, RuntimeError) and free < 64 << 20)
+    why = "the disk is full" if full else f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    old = f"the previous {path.name} is unchanged" if path.exists() else "no earlier checkpoint of that name exists"
+    room = f" ({free / 2**20:.0f} MiB free)" if free >= 0 else ""
+    return CheckpointWriteError(
+        f"could not save checkpoint {path}: {why}{room}; {old}. Free space on the disk of {path.parent} or set "
+        "--trainer.default_root_dir to another disk, then resume with --ckpt_path last")
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints are written to a temporary file in the same directory, flushed to disk and renamed over the old
-    one: a kill while saving leaves the previous checkpoint intact."""
+    one: a kill while saving, or a full disk, leaves the previous checkpoint intact. A failed write raises
+    CheckpointWriteError naming the file, the free space and the fix."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:
+            raise _write_failure(path, e) from e
         finally:
             tmp.unlink(missing_ok=True)
 

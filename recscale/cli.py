@@ -102,6 +102,8 @@ def run_data_command(argv: list[str]) -> int:
                   f"  rejected {s['rejected']:,}" + (f" (see {out}/rejected.tsv)" if s["rejected"] else "") +
                   f"\n  vocabulary: {s['total_vocabulary']:,} ids over {len(s['vocabulary'])} fields: "
                   + ", ".join(f"{k}={v}" for k, v in s["vocabulary"].items()))
+            if "warning" in s:
+                print(f"recscale prepare: warning: {s['warning']}", file=sys.stderr)
         elif args.command == "encode":
             from recscale.data.prepare import encode_file
 

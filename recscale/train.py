@@ -24,7 +24,13 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from recscale.checkpointing import RUN_FILE, AtomicCheckpointIO, EpochCheckpoint, RandomState
+from recscale.checkpointing import (
+    RUN_FILE,
+    AtomicCheckpointIO,
+    CheckpointWriteError,
+    EpochCheckpoint,
+    RandomState,
+)
 from recscale.data.datamodule import CTRDataModule
 from recscale.data.formats import PrepareError
 from recscale.diagnostics.callback import CollapseDiagnostics
@@ -120,6 +126,8 @@ class RecscaleCLI(LightningCLI):
             raise TrainingStopped(
                 f"{e}. Training stopped; the last good checkpoint is {last or 'none (no epoch had finished)'}. "
                 "Fix the cause (e.g. a lower --model.lr) and resume with --ckpt_path last.") from e
+        except CheckpointWriteError as e:
+            raise TrainingStopped(str(e)) from e
         except torch.cuda.OutOfMemoryError as e:
             hp, dm = self.model.hparams, self.datamodule
             counts = self.model.parameter_counts()
@@ -161,6 +169,17 @@ def parse_fit_config(argv: list[str]):
     return cli._parser("fit"), cli.config["fit"]
 
 
+def _user_error(e: BaseException) -> BaseException | None:
+    """A user-facing error (PrepareError, ConfigError) among the causes/contexts of `e`, if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (PrepareError, ConfigError)):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def cli_main(argv: list[str] | None = None) -> RecscaleCLI | None:
     # our IterableDataset splits work per worker itself (recscale.data.datamodule), so its __len__ is exact
     warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined.*")
@@ -169,6 +188,12 @@ def cli_main(argv: list[str] | None = None) -> RecscaleCLI | None:
         return RecscaleCLI(CTRModel, CTRDataModule, args=argv, **_cli_kwargs())
     except (PrepareError, ConfigError) as e:
         print(f"recscale: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except ValueError as e:  # jsonargparse wraps errors raised while instantiating a Union-typed argument (logger)
+        inner = _user_error(e)
+        if inner is None:
+            raise
+        print(f"recscale: error: {inner}", file=sys.stderr)
         sys.exit(2)
     except TrainingStopped as e:
         print(f"recscale: error: {e}", file=sys.stderr)

@@ -1,7 +1,9 @@
 """DDP on CPU processes (gloo), resume after SIGKILL, non-finite loss, and kills during checkpoint saves."""
 
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import torch
 from conftest import ROOT
 from mlflow.tracking import MlflowClient
 
-from recscale.checkpointing import AtomicCheckpointIO
+from recscale.checkpointing import AtomicCheckpointIO, CheckpointWriteError
 
 
 def recscale(args, tmp, store, extra_env=None, **kw):
@@ -138,7 +140,7 @@ def test_kill_during_checkpoint_save_keeps_the_previous_one(tmp_path):
     path = tmp_path / "last.ckpt"
     script = f"""
 import torch, sys
-from recscale.checkpointing import AtomicCheckpointIO
+from recscale.checkpointing import AtomicCheckpointIO, CheckpointWriteError
 io = AtomicCheckpointIO()
 io.save_checkpoint({{"version": 1, "w": torch.ones(3)}}, {str(path)!r})
 print("saved", flush=True)
@@ -154,18 +156,27 @@ print("second", flush=True)
     assert ck["version"] == 1 and torch.equal(ck["w"], torch.ones(3))
 
 
-def test_atomic_save_failure_leaves_no_partial_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 750592")])
+def test_atomic_save_failure_leaves_no_partial_file(tmp_path, monkeypatch, error):
+    """A full disk while saving (torch reports it as OSError or as its zip writer's RuntimeError): one message naming
+    the file, the free space and the fix; the previous checkpoint stays usable and no partial file is left."""
     io = AtomicCheckpointIO()
     path = tmp_path / "x.ckpt"
     io.save_checkpoint({"v": 1}, path)
 
     def boom(obj, f):
         f.write(b"partial")
-        raise OSError("disk full")
+        raise error
 
     monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(OSError):
+    if isinstance(error, RuntimeError):  # torch's variant says nothing about space: the free space decides
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 20, 10 << 20, 1 << 20))
+    with pytest.raises(CheckpointWriteError) as e:
         io.save_checkpoint({"v": 2}, path)
     monkeypatch.undo()
+    msg = str(e.value)
+    assert f"could not save checkpoint {path}: the disk is full" in msg and "the previous x.ckpt is unchanged" in msg
+    assert "--trainer.default_root_dir" in msg and "--ckpt_path last" in msg and "\n" not in msg
     assert torch.load(path, weights_only=False) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["x.ckpt"]

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from recscale.data.formats import PrepareError
 from recscale.data.spec import DataDirError, load_spec, shard_units
 
 Slice = tuple[int, int, int]  # (unit index, start row in unit, stop row in unit)
@@ -180,6 +181,10 @@ class EpochLoader(DataLoader):
         return super().__iter__()
 
 
+class DataOptionError(PrepareError, ValueError):
+    """A ``--data.*`` option out of range (one line naming the option, no traceback)."""
+
+
 class CTRDataModule(L.LightningDataModule):
     """Prepared CTR data (see ``recscale prepare``) streamed as whole batches.
 
@@ -199,11 +204,15 @@ class CTRDataModule(L.LightningDataModule):
                  seed: int = 0, train_fraction: float = 1.0):
         super().__init__()
         if batch_size <= 0:
-            raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+            raise DataOptionError(f"--data.batch_size must be positive, got {batch_size}")
+        if eval_batch_size is not None and eval_batch_size <= 0:
+            raise DataOptionError(f"--data.eval_batch_size must be positive, got {eval_batch_size}")
         if not 0.0 < train_fraction <= 1.0:
-            raise ValueError(f"data.train_fraction must be in (0, 1], got {train_fraction}")
+            raise DataOptionError(f"--data.train_fraction must be in (0, 1], got {train_fraction}")
         if num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+            raise DataOptionError(f"--data.num_workers must be >= 0, got {num_workers}")
+        if shuffle_buffer <= 0:
+            raise DataOptionError(f"--data.shuffle_buffer must be positive, got {shuffle_buffer}")
         self.save_hyperparameters(logger=False)  # the CLI logs the whole resolved config
         self.data_dir = Path(data_dir)
         self.spec = load_spec(self.data_dir)
@@ -222,7 +231,11 @@ class CTRDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         splits = {"fit": ("train", "valid"), "validate": ("valid",), "test": ("test",), "predict": ("test",)}
         for s in splits.get(stage or "fit", ("train", "valid", "test")):
-            self.units(s)  # checks every shard before any training starts
+            units = self.units(s)  # checks every shard before any training starts
+            if sum(u[2] for u in units) == 0:  # e.g. a tiny input: nothing to train on, or no validation AUC
+                rows = {k: v.get("rows", 0) for k, v in self.spec["splits"].items()}
+                raise DataDirError(f"data directory {self.data_dir} has an empty {s} split ({rows}): prepare a larger "
+                                   "input (the split is 8/1/1 by lines)")
 
     def _loader(self, split: str, train: bool) -> EpochLoader:
         hp = self.hparams

@@ -656,7 +656,11 @@ def _prepare_into(src: Path, tmp: Path, fmt: RawFormat, opts: Options) -> dict:
         "recscale_version": __version__,
     }
     (tmp / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
+    empty = [s_ for s_ in SPLITS if splits[s_]["rows"] == 0]
+    warning = {"warning": f"the {' and '.join(empty)} split(s) are empty ({n_data - rejected} good lines, split 8/1/1):"
+                          " `recscale fit` needs train and valid rows; prepare a larger input"} if empty else {}
     return {
+        **warning,
         "dataset": opts.dataset,
         "protocol": opts.protocol,
         "rows": {s_: splits[s_]["rows"] for s_ in SPLITS},
