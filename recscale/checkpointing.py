@@ -4,6 +4,7 @@ checkpoint directory to its MLflow run."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import shutil
@@ -15,6 +16,35 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 RUN_FILE = "mlflow_run.json"
+
+
+def _plain(v) -> str:
+    return json.dumps(v, sort_keys=True, default=str)
+
+
+def config_changes(checkpoint: dict, model_hparams: dict, data_hparams: dict) -> dict[str, tuple[str, str]]:
+    """``{"model.lr": (old, new), ...}``: the model and data hyperparameters that differ between a checkpoint and the
+    current run (values as JSON text)."""
+    out = {}
+    for prefix, old, new in (("model", checkpoint.get("hyper_parameters") or {}, model_hparams),
+                             ("data", checkpoint.get("datamodule_hyper_parameters") or {}, data_hparams)):
+        for k in sorted(set(old) | set(new)):
+            a, b = _plain(old.get(k)), _plain(new.get(k))
+            if a != b:
+                out[f"{prefix}.{k}"] = (a, b)
+    return out
+
+
+class ConfiguredOptimizer(Callback):
+    """After a checkpoint of another config is restored, its optimizer state (moments, step counts) is kept but the
+    hyperparameters (lr, weight decay, ...) are those of the current config, not the checkpoint's."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        fresh = pl_module.configure_optimizers()
+        fresh = list(fresh) if isinstance(fresh, (list, tuple)) else [fresh]
+        for opt, new in zip(trainer.optimizers, fresh):
+            for group, new_group in zip(opt.param_groups, new.param_groups):
+                group.update({k: v for k, v in new_group.items() if k != "params"})
 
 
 def atomic_write(path: Path, text: str) -> None:

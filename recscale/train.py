@@ -28,8 +28,10 @@ from recscale.checkpointing import (
     RUN_FILE,
     AtomicCheckpointIO,
     CheckpointWriteError,
+    ConfiguredOptimizer,
     EpochCheckpoint,
     RandomState,
+    config_changes,
 )
 from recscale.data.datamodule import CTRDataModule
 from recscale.data.formats import PrepareError
@@ -92,6 +94,9 @@ class RecscaleCLI(LightningCLI):
             if cb.dirpath is None:
                 cb.dirpath = str(root)
         ckpt = self.config[self.subcommand].get("ckpt_path")
+        if ckpt and ckpt not in ("last", "best", "hpc", "registry") and Path(ckpt).is_file() \
+                and Path(ckpt).resolve().parent != root.resolve():
+            self._continue_from(Path(ckpt), root)
         run_file = root / RUN_FILE
         if ckpt and run_file.exists() and (ckpt == "last" or Path(ckpt).resolve().parent == root.resolve()):
             run_id = json.loads(run_file.read_text())["run_id"]
@@ -99,6 +104,25 @@ class RecscaleCLI(LightningCLI):
                 if isinstance(lg, MLFlowLogger) and lg._run_id is None:
                     lg._run_id = run_id
                     print(f"recscale: resuming MLflow run {run_id} from {ckpt}", file=sys.stderr)
+
+    def _continue_from(self, ckpt: Path, root: Path) -> None:
+        """Continue training from a checkpoint of another config (e.g. after the NaN stop, with a lower lr): a new
+        MLflow run that says which run and checkpoint it continues and what changed (tags ``resumed_from_run``,
+        ``resumed_from_checkpoint``, ``config_changes``), with the new config's optimizer settings in effect."""
+        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+        changes = config_changes(state, dict(self.model.hparams), dict(self.datamodule.hparams))
+        old_run_file = ckpt.parent / RUN_FILE
+        old_run = json.loads(old_run_file.read_text())["run_id"] if old_run_file.exists() else "unknown"
+        text = "; ".join(f"{k}: {a} -> {b}" for k, a, b in ((k, *v) for k, v in changes.items())) or "none"
+        print(f"recscale: continuing from checkpoint {ckpt} (epoch {state.get('epoch')}, global step "
+              f"{state.get('global_step')}) of MLflow run {old_run} in a new run (checkpoints in {root}); "
+              f"model/data changes: {text}", file=sys.stderr)
+        tags = {"resumed_from_run": old_run, "resumed_from_checkpoint": str(ckpt.resolve()),
+                "resumed_from_config_hash": ckpt.parent.name, "config_changes": text[:5000]}
+        for lg in self.trainer.loggers:
+            if isinstance(lg, MLFlowLogger) and lg._run_id is None:
+                lg.tags = {**(lg.tags or {}), **tags}
+        self.trainer.callbacks.append(ConfiguredOptimizer())
 
     def instantiate_trainer(self, **kwargs):
         """Atomic checkpoint writes unless the config brings its own CheckpointIO (added here rather than as a
@@ -123,9 +147,14 @@ class RecscaleCLI(LightningCLI):
         except FloatingPointError as e:
             ck = self.trainer.checkpoint_callback
             last = (ck.last_model_path or ck.best_model_path) if ck is not None else ""
-            raise TrainingStopped(
-                f"{e}. Training stopped; the last good checkpoint is {last or 'none (no epoch had finished)'}. "
-                "Fix the cause (e.g. a lower --model.lr) and resume with --ckpt_path last.") from e
+            if last:
+                advice = (f"the last good checkpoint is {Path(last).resolve()}. Fix the cause (e.g. a lower "
+                          f"--model.lr) and continue from it with --ckpt_path {Path(last).resolve()} (a changed config "
+                          "trains on in a new MLflow run that records the checkpoint, the old run and the changes)")
+            else:
+                advice = ("no epoch had finished, so there is no checkpoint to resume. Fix the cause (e.g. a lower "
+                          "--model.lr) and start again")
+            raise TrainingStopped(f"{e}. Training stopped; {advice}.") from e
         except CheckpointWriteError as e:
             raise TrainingStopped(str(e)) from e
         except torch.cuda.OutOfMemoryError as e:

@@ -2,12 +2,14 @@
 
 import errno
 import json
+import re
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,10 +78,12 @@ def test_resume_after_sigkill_matches_uninterrupted_run(criteo_dir, tmp_path):
 
     ``--checkpoint.monitor=epoch --checkpoint.mode=min`` makes epoch 0 the best and every later epoch non-improving,
     deterministically (val/auc may or may not improve on a given CPU)."""
-    steps_per_epoch = -(-8000 // 128)
+    steps_per_epoch = 8  # a prefix of each epoch's shuffled batches keeps the test small
     args = base_args(criteo_dir) + ["--trainer.max_epochs=4", "--data.batch_size=128", "--seed_everything=7",
+                                    f"--trainer.limit_train_batches={steps_per_epoch}",
+                                    "--diagnostics.gradient_rankme=false",
                                     "--checkpoint.monitor=epoch", "--checkpoint.mode=min",
-                                    "--trainer.callbacks+=helpers.KillAt"]
+                                    "--trainer.callbacks+=helpers.Faults"]
     ref_dir, kill_dir = tmp_path / "ref", tmp_path / "kill"
     ref_dir.mkdir(), kill_dir.mkdir()
     ref_store, kill_store = f"sqlite:///{ref_dir / 'm.db'}", f"sqlite:///{kill_dir / 'm.db'}"
@@ -133,7 +137,40 @@ def test_non_finite_loss_stops_with_the_step(criteo_dir, tmp_path):
     p = recscale(base_args(criteo_dir) + ["--trainer.max_epochs=3", "--model.lr=1e30"], tmp_path, store, timeout=300)
     assert p.returncode == 3, p.stderr[-2000:]
     msg = p.stderr.strip().splitlines()[-1]
-    assert "non-finite training loss" in msg and "global step" in msg and "--ckpt_path last" in msg
+    assert "non-finite training loss" in msg and "global step" in msg
+    assert "no epoch had finished" in msg and "start again" in msg and "--ckpt_path" not in msg
+
+
+def test_nan_advice_as_printed_continues_from_the_last_good_epoch(criteo_dir, tmp_path):
+    """The NaN stop after a finished epoch names a checkpoint; following the advice literally (lower --model.lr, then
+    --ckpt_path as printed) continues from that epoch with the new lr, in a new run that records where it came from."""
+    steps = 5
+    args = base_args(criteo_dir) + ["--trainer.max_epochs=2", f"--trainer.limit_train_batches={steps}",
+                                    "--data.batch_size=512", "--trainer.callbacks+=helpers.Faults",
+                                    "--diagnostics.gradient_rankme=false"]
+    store = f"sqlite:///{tmp_path / 'm.db'}"
+    p = recscale(args + ["--model.lr=0.001"], tmp_path, store, {"RECSCALE_NAN_AT": "1:2"}, timeout=300)
+    assert p.returncode == 3, p.stderr[-2000:]
+    msg = p.stderr.strip().splitlines()[-1]
+    assert "lower --model.lr" in msg, msg
+    ckpt = re.search(r"--ckpt_path (\S+?\.ckpt)", msg).group(1)
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 0
+    first_run = json.loads((Path(ckpt).parent / "mlflow_run.json").read_text())["run_id"]
+
+    r = recscale(args + ["--model.lr=0.0005", f"--ckpt_path={ckpt}"], tmp_path, store, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"continuing from checkpoint {ckpt} (epoch 0" in r.stderr and "model.lr: 0.001 -> 0.0005" in r.stderr
+    start = json.loads((tmp_path / "steps" / "start.json").read_text())
+    assert (start["epoch"], start["global_step"]) == (1, steps)  # nothing of epoch 0 redone
+    assert start["lr"] == 0.0005  # the new lr is in effect, not the checkpoint's
+    client, rs = runs(store)
+    new = [x for x in rs if x.info.run_id != first_run]
+    assert len(rs) == 2 and len(new) == 1 and new[0].info.status == "FINISHED"
+    tags = new[0].data.tags
+    assert tags["resumed_from_run"] == first_run and tags["resumed_from_checkpoint"] == str(Path(ckpt).resolve())
+    assert "model.lr: 0.001 -> 0.0005" in tags["config_changes"]
+    steps_logged = {h.step for h in client.get_metric_history(new[0].info.run_id, "val/auc")}
+    assert steps_logged == {2 * steps - 1}  # only epoch 1 trained (and validated) in the new run
 
 
 def test_kill_during_checkpoint_save_keeps_the_previous_one(tmp_path):

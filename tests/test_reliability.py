@@ -285,3 +285,76 @@ def test_prepared_folders_follow_the_umask(tmp_path):
         assert stat.S_IMODE(d.stat().st_mode) == 0o755, d
     assert stat.S_IMODE((tmp_path / "out" / "spec.json").stat().st_mode) == 0o644
     assert pq.ParquetFile(tmp_path / "out" / "train" / "part-00000.parquet").metadata.num_rows == 5000
+
+
+# ---------------------------------------------------------------- the SQLite tracking store
+def _fit(args, cwd, store, **kw):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "recscale", "fit", f"--config={ROOT / 'configs/dnn.yaml'}", *args],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+TINY_FIT = ["--data.batch_size=256", "--data.num_workers=0", "--trainer.enable_progress_bar=false",
+            "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+            "--test_after_fit=false", "--diagnostics.figures=false", "--diagnostics.rankme=false",
+            "--diagnostics.gradient_rankme=false", "--diagnostics.sample_rows=200"]
+
+
+def test_three_concurrent_fits_on_a_fresh_sqlite_store(tmp_path, criteo_dir):
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"  # neither the file nor its directory exists yet
+    procs = [_fit(TINY_FIT + [f"--data.data_dir={criteo_dir}", f"--seed_everything={s}"], tmp_path, store)
+             for s in (11, 12, 13)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-1500:] for _, err in outs]
+    c = MlflowClient(store)
+    runs = c.search_runs([c.get_experiment_by_name("recscale").experiment_id])
+    assert sorted(r.data.tags["seed"] for r in runs) == ["11", "12", "13"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_unwritable_sqlite_store_is_one_line_naming_the_path(tmp_path, criteo_dir):
+    (tmp_path / "afile").write_text("not a directory")
+    db = tmp_path / "afile" / "mlflow.db"
+    p = _fit(TINY_FIT + [f"--data.data_dir={criteo_dir}"], tmp_path, f"sqlite:///{db}")
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 2, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and str(db) in last and "is a file, not a directory" in last, err[-2000:]
+
+
+def test_read_only_sqlite_store_fails_before_mlflow_retries(tmp_path, monkeypatch):
+    import mlflow.tracking
+
+    from recscale.tracking import TrackingUnavailable, open_sqlite_store
+
+    def never(*a, **k):
+        raise AssertionError("MLflow must not be asked to open an unwritable store")
+
+    monkeypatch.setattr(mlflow.tracking, "MlflowClient", never)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as on a read-only mount (root ignores chmod)
+    with pytest.raises(TrackingUnavailable, match=f"cannot write the MLflow store {tmp_path / 'm.db'}: {tmp_path} is not"):
+        open_sqlite_store(f"sqlite:///{tmp_path / 'm.db'}")
+
+
+# ---------------------------------------------------------------- training options and tiny data
+def test_batch_size_zero_and_empty_valid_split_are_one_line(tmp_path, criteo_dir):
+    p = _fit(TINY_FIT + [f"--data.data_dir={criteo_dir}", "--data.batch_size=0"], tmp_path,
+             f"sqlite:///{tmp_path / 'm.db'}")
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 2 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == "recscale: error: --data.batch_size must be positive, got 0"
+
+    src = _write(tmp_path / "nine.txt", _criteo_lines(9))
+    s = prepare(src, tmp_path / "tiny", _opts())
+    assert s["rows"]["valid"] == 0 and "valid split(s) are empty" in s["warning"]
+    p = _fit(TINY_FIT + [f"--data.data_dir={tmp_path / 'tiny'}"], tmp_path, f"sqlite:///{tmp_path / 'm.db'}")
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 2 and "Traceback" not in err, err[-2000:]
+    assert f"data directory {tmp_path / 'tiny'} has an empty valid split" in err.strip().splitlines()[-1]
