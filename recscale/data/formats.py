@@ -32,7 +32,7 @@ class RawFormat:
     columns: tuple[str, ...]
     label: str
     numeric: tuple[str, ...]  # columns that must parse as integers (empty allowed)
-    header: bool  # the Kaggle file starts with a header line (detected, see prepare._detect_header)
+    header: bool  # the Kaggle file starts with a header line, whose names give the column order (prepare.read_header)
 
     @property
     def ncols(self) -> int:
