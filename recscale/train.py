@@ -105,6 +105,13 @@ class RecscaleCLI(LightningCLI):
                     lg._run_id = run_id
                     print(f"recscale: resuming MLflow run {run_id} from {ckpt}", file=sys.stderr)
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI overwrites the model config with the hyperparameters saved in ``--ckpt_path``, so a fit that
+        continues with a lower ``--model.lr`` silently got the old one back. In ``fit`` the command's config wins (the
+        differences are printed and recorded by `_continue_from`); validate/test/predict keep Lightning's behaviour."""
+        if self.config.get("subcommand") != "fit":
+            super()._parse_ckpt_path()
+
     def _continue_from(self, ckpt: Path, root: Path) -> None:
         """Continue training from a checkpoint of another config (e.g. after the NaN stop, with a lower lr): a new
         MLflow run that says which run and checkpoint it continues and what changed (tags ``resumed_from_run``,
