@@ -2,8 +2,8 @@
 
 import errno
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -129,7 +129,7 @@ def test_last_checkpoint_holds_the_latest_epoch_without_improvement(tmp_path):
     t.fit(Worse())
     assert torch.load(tmp_path / "last.ckpt", weights_only=False)["epoch"] == 2
     assert torch.load(ck.best_model_path, weights_only=False)["epoch"] == 0
-    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == sorted(["last.ckpt", os.path.basename(ck.best_model_path)])
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == sorted(["last.ckpt", Path(ck.best_model_path).name])
 
 
 def test_non_finite_loss_stops_with_the_step(criteo_dir, tmp_path):

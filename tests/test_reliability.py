@@ -104,7 +104,7 @@ def test_more_rejected_lines_than_the_stated_fraction_fail(tmp_path, criteo_dir)
 
 def test_every_line_rejected_prints_the_first_reasons(tmp_path):
     src = tmp_path / "header_only.txt"
-    src.write_text("label\t" + "\t".join(f"I{i}" for i in range(1, 14)) + "\t" + "\t".join(f"C{i}" for i in range(1, 27)) + "\n")
+    src.write_text("\t".join(["label", *(f"I{i}" for i in range(1, 14)), *(f"C{i}" for i in range(1, 27))]) + "\n")
     with pytest.raises(PrepareError, match=r"every line was rejected; first reasons: line 1: label 'label' is not 0"):
         prepare(src, tmp_path / "o", _opts())
     rows = AVAZU_SAMPLE.read_text().splitlines()[:50]
@@ -350,7 +350,8 @@ def test_read_only_sqlite_store_fails_before_mlflow_retries(tmp_path, monkeypatc
 
     monkeypatch.setattr(mlflow.tracking, "MlflowClient", never)
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # as on a read-only mount (root ignores chmod)
-    with pytest.raises(TrackingUnavailable, match=f"cannot write the MLflow store {tmp_path / 'm.db'}: {tmp_path} is not"):
+    want = f"cannot write the MLflow store {tmp_path / 'm.db'}: {tmp_path} is not writable"
+    with pytest.raises(TrackingUnavailable, match=re.escape(want)):
         open_sqlite_store(f"sqlite:///{tmp_path / 'm.db'}")
 
 

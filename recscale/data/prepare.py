@@ -178,8 +178,8 @@ def read_header(path: Path, fmt: RawFormat) -> tuple[bool, RawFormat]:
     for what, cols in (("lacks the column(s)", missing), ("has unknown column(s)", unknown),
                        ("repeats the column(s)", repeated)):
         if cols:
-            raise PrepareError(f"input file {path}: the header (line 1) {what} {', '.join(cols)}; a {fmt.name} file has "
-                               f"the columns {fmt.delimiter.join(fmt.columns)} (in any order)")
+            raise PrepareError(f"input file {path}: the header (line 1) {what} {', '.join(cols)}; a {fmt.name} "
+                               f"file has the columns {fmt.delimiter.join(fmt.columns)} (in any order)")
     return True, dataclasses.replace(fmt, columns=tuple(names))
 
 
@@ -234,7 +234,8 @@ def _encoding_rejects(a: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> di
     Only called for a block that is not plain ASCII or holds a CR; Python runs only for the lines with such bytes."""
     out: dict[int, str] = {}
     for i in np.unique(np.searchsorted(ends, np.flatnonzero(a == 13))):
-        out[int(i)] = f"carriage return (CR) inside the line at byte {int(np.flatnonzero(a[starts[i]:ends[i]] == 13)[0]) + 1}"
+        at = int(np.flatnonzero(a[starts[i]:ends[i]] == 13)[0]) + 1
+        out[int(i)] = f"carriage return (CR) inside the line at byte {at}"
     for i in np.unique(np.searchsorted(ends, np.flatnonzero(a >= 128))):
         if int(i) in out:
             continue
