@@ -49,3 +49,16 @@ class Faults(Callback):
             with torch.no_grad():
                 for p in pl_module.parameters():
                     p.fill_(float("nan"))
+
+
+class SignalAt(Callback):
+    """Sends signal `name` (e.g. SIGTERM) to its own process after optimizer step `step` (deterministic stop point)."""
+
+    def __init__(self, step: int = 3, name: str = "SIGTERM"):
+        self.step, self.name = step, name
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            import signal
+
+            os.kill(os.getpid(), getattr(signal, self.name))
