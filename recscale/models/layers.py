@@ -100,10 +100,33 @@ def pair_indices(num_fields: int, device=None) -> tuple[Tensor, Tensor]:
     return torch.triu_indices(num_fields, num_fields, offset=1, device=device).unbind(0)
 
 
+def _under_amp(fn: type[torch.autograd.Function], device_type: str) -> type[torch.autograd.Function]:
+    """``fn`` with its forward and backward wrapped by ``torch.amp.custom_fwd`` / ``custom_bwd`` for ``device_type``.
+
+    Mixed precision (``--trainer.precision bf16-mixed`` / ``16-mixed``): the forward runs under the caller's autocast
+    state, so its ops get autocast's dtypes (products in bf16/fp16, element-wise updates promoted to float32, exactly
+    what autograd's graph of the same layer gets), and the backward runs under the same autocast state (autograd
+    otherwise runs it with autocast off, on another thread on GPUs). Both decorators take a fixed device type, hence
+    one subclass per device type (built at import by ``_per_device``)."""
+    return type(f"{fn.__name__}_{device_type}", (fn,), {
+        "forward": staticmethod(torch.amp.custom_fwd(fn.forward, device_type=device_type)),
+        "backward": staticmethod(torch.amp.custom_bwd(fn.backward, device_type=device_type)),
+    })
+
+
+def _per_device(fn: type[torch.autograd.Function]) -> dict[str, type[torch.autograd.Function]]:
+    """The autocast-aware variants of ``fn`` for the device types recscale trains on; other devices use ``fn`` as is
+    (correct, but its backward then runs without autocast)."""
+    return {d: _under_amp(fn, d) for d in ("cpu", "cuda")}
+
+
 class _UpperPairs(torch.autograd.Function):
     """``(..., F, F) -> (..., F(F-1)/2)``: the entries above the diagonal, row-major. The gradient is written back with
     a plain (non-accumulating) index_put, since every position occurs once; autograd's version of ``g[..., i, j]``
-    accumulates, which is a serial loop on the CPU (12 % of an IPNN ME 10x step)."""
+    accumulates, which is a serial loop on the CPU (12 % of an IPNN ME 10x step).
+
+    Under autocast both directions keep the dtype they are given (a gather and a scatter, no arithmetic): the
+    products arrive in bf16/fp16 from autocast's ``matmul`` and their gradient leaves in the same dtype."""
 
     @staticmethod
     def forward(ctx, g: Tensor) -> Tensor:
@@ -122,9 +145,12 @@ class _UpperPairs(torch.autograd.Function):
         return out.view(ctx.shape)
 
 
+_UPPER_PAIRS = _per_device(_UpperPairs)
+
+
 def inner_products(e: Tensor) -> Tensor:
     """IPNN product layer: ``p_ij = <e_i, e_j>`` for all i < j.  (M, B, F, D) -> (M, B, F(F-1)/2)."""
-    return _UpperPairs.apply(torch.matmul(e, e.transpose(-1, -2)))
+    return _UPPER_PAIRS.get(e.device.type, _UpperPairs).apply(torch.matmul(e, e.transpose(-1, -2)))
 
 
 def fm_pairwise(e: Tensor) -> Tensor:
@@ -169,6 +195,13 @@ class _FusedCross(torch.autograd.Function):
     ``g_h = g * x_0``; ``dL/dx_0 += g * h_l``; ``dL/dW_l = x_l^T g_h``; ``dL/db_l = sum_b g_h``;
     ``dL/dx_l = g + g_h W_l^T`` (one ``baddbmm``). Autograd's version of the same graph makes two more passes over the
     (M, B, F*D) activations per layer in each direction (separate bias add, mul + add, residual-gradient add).
+
+    Under autocast (through its ``_per_device`` variants, see ``_under_amp``) the ops take autocast's dtypes as in autograd's
+    graph of the layer: ``h`` = ``baddbmm`` in bf16/fp16, the residual stream ``x`` in float32 (``addcmul`` promotes);
+    in the backward, ``g_h W^T`` and ``x^T g_h`` are bf16/fp16 products, and the residual gradient ``g`` stays
+    float32 (``g + g_h W^T`` in two ops, since ``baddbmm`` would round the sum to bf16). The parameters' gradients
+    are cast back to float32 by autograd. Values and gradients match the autograd graph's to bf16 rounding, not
+    bitwise (the bias gradient is summed in float32 here, in bf16 there).
     """
 
     @staticmethod
@@ -189,14 +222,21 @@ class _FusedCross(torch.autograd.Function):
         wb, saved = rest[: 2 * L], rest[2 * L :]
         grads: list[Tensor | None] = [None] * (2 * L)
         gx0 = None
+        amp = torch.is_autocast_enabled(g.device.type)
         for l in reversed(range(L)):
             W, x, h = wb[2 * l], saved[2 * l], saved[2 * l + 1]
             gh = g * x0
             gx0 = g * h if gx0 is None else gx0.addcmul_(g, h)
             grads[2 * l] = torch.bmm(x.transpose(1, 2), gh)
             grads[2 * l + 1] = gh.sum(1, keepdim=True)
-            g = torch.baddbmm(g, gh, W.transpose(1, 2))
+            if amp:
+                g = g + torch.bmm(gh, W.transpose(1, 2))  # (M, B, FD) float32 + bf16 product
+            else:
+                g = torch.baddbmm(g, gh, W.transpose(1, 2))
         return (gx0 + g if gx0 is not None else g), *grads
+
+
+_FUSED_CROSS = _per_device(_FusedCross)
 
 
 class CrossNetwork(nn.Module):
@@ -216,15 +256,13 @@ class CrossNetwork(nn.Module):
         self.naive = naive
 
     def forward(self, x0: Tensor) -> Tensor:
-        # the fused Function keeps one dtype throughout: under autocast (mixed precision) autograd's graph is used
-        if (self.naive or x0.dim() != 3 or self.layers[0].weight.shape[0] != x0.shape[0]
-                or torch.is_autocast_enabled(x0.device.type)):
+        if self.naive or x0.dim() != 3 or self.layers[0].weight.shape[0] != x0.shape[0]:
             x = x0
             for lin in self.layers:
                 x = x0 * lin(x) + x
             return x
         wb = [t for lin in self.layers for t in (lin.weight, lin.bias)]
-        return _FusedCross.apply(x0, *wb)
+        return _FUSED_CROSS.get(x0.device.type, _FusedCross).apply(x0, *wb)
 
 
 class CIN(nn.Module):

@@ -86,12 +86,18 @@ class CTRModel(L.LightningModule):
         sparse_embedding_grad: build the table's gradient from the looked-up rows only (see
             ``SetEmbedding.densify_grad``); the same update, without zero-filling the whole table every step.
             Switched off automatically under multi-process training (DDP reduces dense gradients).
+        compile: run the backbone through ``torch.compile`` (``nn.Module.compile``: parameter names, checkpoints and
+            diagnostics are unchanged; the first steps pay the compilation). Needs a C++ compiler on the CPU, Triton
+            on GPUs. Logits are the eager ones to float rounding (tests/test_precision.py).
+
+    Logits are returned in float32 whatever the precision (under ``bf16-mixed`` the head's last product is bf16), so
+    the loss, AUC and logloss are float32 computations in every precision.
     """
 
     def __init__(self, backbone: Callable[[int, int, int], nn.Module], field_dims: list[int] | None = None,
                  base_dim: int = 10, mode: Literal["SE", "ME"] = "SE", scale: int = 1, lr: float = 1e-3,
                  weight_decay: float = 1e-6, embedding_init_std: float = 1e-4, fused_adam: bool = True,
-                 sparse_embedding_grad: bool = True):
+                 sparse_embedding_grad: bool = True, compile: bool = False):
         super().__init__()
         if not field_dims:
             raise ConfigError("model.field_dims is empty: it is linked from the data spec (data.data_dir); "
@@ -106,6 +112,8 @@ class CTRModel(L.LightningModule):
         self.embedding = SetEmbedding(field_dims, self.embed_dim, self.num_sets, embedding_init_std,
                                       sparse_embedding_grad)
         self.backbone = backbone(len(field_dims), self.embed_dim, self.num_sets)
+        if compile:
+            self.backbone.compile()
         self.metrics = nn.ModuleDict({
             f"{stage}_{name}": metric
             for stage in ("val", "test")
@@ -120,7 +128,7 @@ class CTRModel(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def forward(self, ids: Tensor) -> Tensor:
-        return self.backbone(self.embedding(ids))
+        return self.backbone(self.embedding(ids)).float()  # float32 logits under mixed precision too (no-op in fp32)
 
     def loss(self, logits: Tensor, y: Tensor) -> Tensor:
         loss = F.binary_cross_entropy_with_logits(logits, y)
