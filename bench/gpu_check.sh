@@ -23,7 +23,7 @@
 #      RECSCALE_WHEELHOUSE at a directory of wheels (pip install --no-index --find-links).
 # The repository's sources always come first (PYTHONPATH), whatever recscale may be installed.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
 SMOKE=${GPU_CHECK_SMOKE:-0}
 OUT=${GPU_CHECK_OUT:-$ROOT/bench/out/gpu_check}
@@ -36,7 +36,7 @@ DEPS='import torch, lightning, torchmetrics, mlflow, polars, pyarrow, jsonargpar
 # ---------------------------------------------------------------- 1. environment
 PY=""
 for cand in "${PYTHON:-}" "$ROOT/.venv/bin/python" python3.12 python3; do
-    [ -n "$cand" ] && command -v "$cand" >/dev/null 2>&1 || continue
+    if [ -z "$cand" ] || ! command -v "$cand" >/dev/null 2>&1; then continue; fi
     if "$cand" -c "$DEPS" >/dev/null 2>&1; then PY=$(command -v "$cand"); break; fi
 done
 if [ -z "$PY" ]; then
@@ -50,7 +50,7 @@ if [ -z "$PY" ]; then
         if [ "$SMOKE" = 1 ]; then "${PIP[@]}" torch || exit 1; else
             log "no torch that sees a GPU: installing torch from PyPI"; "${PIP[@]}" torch || exit 1; fi
     fi
-    "${PIP[@]}" -e "$ROOT[test]" || { log "pip install of the dependencies failed (offline? set RECSCALE_WHEELHOUSE)"; exit 1; }
+    "${PIP[@]}" -e "${ROOT}[test]" || { log "pip install of the dependencies failed (offline? set RECSCALE_WHEELHOUSE)"; exit 1; }
 fi
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export MLFLOW_TRACKING_URI=sqlite:///$OUT/mlflow.db
@@ -86,14 +86,14 @@ EOF
 
 # ---------------------------------------------------------------- 3. set-batched vs per-set loop
 log "bench/train_bench.py --device $DEVICE"
-if [ "$SMOKE" = 1 ]; then TB=(--models DNN,DCNv2 --steps 1 --batch-size 256); else TB=(--steps 20 --rounds 2); fi
+if [ "$SMOKE" = 1 ]; then TB=(--models "DNN,DCNv2" --steps 1 --batch-size 256); else TB=(--steps 20 --rounds 2); fi
 timeout $((150 * SLOW)) "$PY" bench/train_bench.py --device "$DEVICE" --cells SE1,ME10 "${TB[@]}" --json "$OUT/train.json" \
     || log "train_bench failed or timed out (exit $?)"
 
 # ---------------------------------------------------------------- 4. end to end, one epoch
 log "bench/e2e_bench.py epoch"
 if [ "$SMOKE" = 1 ]; then
-    E2E=(--rows 5000 --configs stream-fp32:1024,stream-bf16:1024,cache-bf16:1024,cache-bf16-compile:1024,cache-bf16:4096)
+    E2E=(--rows 5000 --configs "stream-fp32:1024,stream-bf16:1024,cache-bf16:1024,cache-bf16-compile:1024,cache-bf16:4096")
 else
     E2E=(--rows 5000000 --configs "stream-fp32:2048,stream-bf16:2048,cache-bf16:2048,cache-bf16-compile:2048,\
 cache-bf16:16384,cache-bf16:65536,cache-bf16-compile:65536")
@@ -103,7 +103,7 @@ timeout $((300 * SLOW)) "$PY" bench/e2e_bench.py epoch --device "$DEVICE" "${E2E
 
 # ---------------------------------------------------------------- 5. diagnostics pass
 log "bench/e2e_bench.py diag"
-if [ "$SMOKE" = 1 ]; then DG=(--sample-rows 2000 --small-tables); else DG=(); fi
+if [ "$SMOKE" = 1 ]; then DG=(--sample-rows 2000 --small-tables --scale 2); else DG=(); fi
 timeout $((120 * SLOW)) "$PY" bench/e2e_bench.py diag --device "$DEVICE" "${DG[@]}" --json "$OUT/diag.json" \
     || log "e2e_bench diag failed or timed out (exit $?)"
 

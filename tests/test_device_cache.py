@@ -149,3 +149,30 @@ def test_cli_reports_the_shortfall_in_one_line(criteo_dir, tmp_path, monkeypatch
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("recscale: error: data.device_cache:") and "GiB" in err and "--data.device_cache false" in err
+
+
+@pytest.mark.slow  # two CPU processes, ~1-2 min on the loaded 2-core machine
+def test_ddp_ranks_hold_their_share_and_step_together(criteo_dir, tmp_path):
+    """A real 2-process DDP fit (CPU, gloo) with the device cache: both ranks make the same number of optimizer steps,
+    and together they train on every one of the sample's 8,000 training rows once per epoch."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "RECSCALE_TEST_OUT": str(tmp_path / "steps")}
+    p = subprocess.run([sys.executable, "-m", "recscale", "fit", f"--config={ROOT / 'configs/dnn.yaml'}",
+                        f"--data.data_dir={criteo_dir}", "--data.batch_size=256", "--data.device_cache=true",
+                        "--data.num_workers=0", "--trainer.strategy=ddp", "--trainer.devices=2",
+                        "--trainer.accelerator=cpu", "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false",
+                        "--trainer.callbacks+=helpers.StepRecorder", "--test_after_fit=false"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "steps" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world"] == 2
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == ranks[0]["batches"] == ranks[1]["batches"]
+    assert ranks[0]["rows"] + ranks[1]["rows"] == 2 * 8000  # every training row once per epoch
+    assert ranks[0]["batches"] == 2 * -(-4000 // 256)
