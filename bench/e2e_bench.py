@@ -7,8 +7,8 @@ optimizer step, in several configurations; and the time of one full diagnostics 
 `epoch`: a synthetic Criteo file (`recscale synth`, cached under bench/out/) is prepared once with the icml24 protocol
 (both outside the timing); then, per configuration, a Lightning Trainer with the CLI's defaults (deterministic, the
 SamplesPerSecond callback, fused Adam, sparse table gradient) fits DCNv2 (SE 1x unless --mode/--scale say otherwise)
-for one epoch, without validation (world size 1). A configuration is ``LOADER-PRECISION[-compile]:BATCH``: LOADER ``stream`` (the
-shard stream, ``--num-workers`` loader processes) or ``cache`` (``--data.device_cache``: the split resident on the
+for one epoch, without validation (world size 1). A configuration is ``LOADER-PRECISION[-compile]:BATCH``: LOADER
+``stream`` (the shard stream, ``--num-workers`` loader processes) or ``cache`` (``--data.device_cache``: the split resident on the
 device), PRECISION ``fp32`` / ``bf16`` (``bf16-mixed``) / ``fp16`` (``16-mixed`` with a gradient scaler), ``-compile``
 (``--model.compile``). Reported: steady-state samples/s (from the end of batch ``--warmup`` to the end of the last full
 batch, the GPU synchronised at both marks: no worker start-up, no compilation), samples/s over the whole training

@@ -86,8 +86,8 @@ def report(d: Path) -> tuple[dict, str]:
     if diag:
         r = diag[0]
         verdict["diag_seconds"] = r["seconds"] <= TARGETS["diag_seconds"]
-        lines += [f"Diagnostics pass (DCNv2 ME {r.get('scale', 10)}x, {r['table_rows']:,} table rows, RankMe {r['sample_rows']:,} x "
-                  f"{r['width']:,} float64, `bench/e2e_bench.py diag`): {r['seconds']:.3f} s (first call "
+        lines += [f"Diagnostics pass (DCNv2 ME {r.get('scale', 10)}x, {r['table_rows']:,} table rows, RankMe "
+                  f"{r['sample_rows']:,} x {r['width']:,} float64, `bench/e2e_bench.py diag`): {r['seconds']:.3f} s (first call "
                   f"{r['first_call_seconds']:.3f} s); target ≤ 1 s: {_mark(verdict['diag_seconds'])}.", ""]
     out["verdict"] = verdict
     return out, "\n".join(lines)

@@ -15,8 +15,8 @@ from recscale.models.module import CTRModel
 def _model(cls, sets, backbone_kw=None, **kw):
     torch.manual_seed(0)
     dim = 6 if cls is bb.FFM else 4  # FFM: dim divisible by F - 1 = 3
-    return CTRModel(lambda f, d, m: small(cls, m, d, **(backbone_kw or {})), field_dims=DIMS, base_dim=dim, mode="ME" if sets > 1 else "SE",
-                    scale=sets, embedding_init_std=0.1, **kw)
+    return CTRModel(lambda f, d, m: small(cls, m, d, **(backbone_kw or {})), field_dims=DIMS, base_dim=dim,
+                    mode="ME" if sets > 1 else "SE", scale=sets, embedding_init_std=0.1, **kw)
 
 
 def _batch(n=32, seed=1):

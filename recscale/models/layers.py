@@ -196,8 +196,9 @@ class _FusedCross(torch.autograd.Function):
     ``dL/dx_l = g + g_h W_l^T`` (one ``baddbmm``). Autograd's version of the same graph makes two more passes over the
     (M, B, F*D) activations per layer in each direction (separate bias add, mul + add, residual-gradient add).
 
-    Under autocast (through its ``_per_device`` variants, see ``_under_amp``) the ops take autocast's dtypes as in autograd's
-    graph of the layer: ``h`` = ``baddbmm`` in bf16/fp16, the residual stream ``x`` in float32 (``addcmul`` promotes);
+    Under autocast (through its ``_per_device`` variants, see ``_under_amp``) the ops take autocast's dtypes as in
+    autograd's graph of the layer: ``h`` = ``baddbmm`` in bf16/fp16, the residual stream ``x`` in float32 (``addcmul``
+    promotes);
     in the backward, ``g_h W^T`` and ``x^T g_h`` are bf16/fp16 products, and the residual gradient ``g`` stays
     float32 (``g + g_h W^T`` in two ops, since ``baddbmm`` would round the sum to bf16). The parameters' gradients
     are cast back to float32 by autograd. Values and gradients match the autograd graph's to bf16 rounding, not
