@@ -3,6 +3,7 @@ without CUDA. A short fit on the bundled sample in bf16 and fp16 mixed precision
 out-of-memory message, and the diagnostics on CUDA against the CPU's float64 values."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -24,7 +25,8 @@ def store(tmp_path, monkeypatch):
 def _fit(criteo_dir, *extra):
     from recscale.train import cli_main
 
-    return cli_main(["fit", f"--config={ROOT / 'configs/model/dcnv2.yaml'}", f"--config={ROOT / 'configs/scale/me2x.yaml'}",
+    return cli_main(["fit", f"--config={ROOT / 'configs/model/dcnv2.yaml'}",
+                     f"--config={ROOT / 'configs/scale/me2x.yaml'}",
                      f"--data.data_dir={criteo_dir}", "--data.batch_size=512", "--data.num_workers=0",
                      "--trainer.accelerator=gpu", "--trainer.devices=1", "--trainer.max_epochs=2",
                      "--trainer.enable_progress_bar=false", "--diagnostics.sample_rows=500", *extra])
@@ -73,7 +75,7 @@ def test_out_of_memory_message(criteo_dir, tmp_path):
                 "--data.batch_size=8000", "--data.num_workers=0", "--model.mode=ME", "--model.scale=4000",
                 "--trainer.accelerator=gpu", "--trainer.devices=1", "--trainer.max_epochs=1",
                 "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
-                check=False, env={**__import__("os").environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
+                check=False, env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
                 timeout=600)
     assert p.returncode == 3, p.stderr[-3000:]
     last = p.stderr.strip().splitlines()[-1]
