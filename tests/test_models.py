@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from recscale.models import backbones as bb
 from recscale.models.layers import (
@@ -346,9 +347,9 @@ def test_dcnv2_blocks_and_regularizer():
             W.copy_(torch.eye(F_ * D))
     assert model.regularization().item() == pytest.approx(2 * (F_ * F_ - F_) * D)
     first = bb.DCNv2(F_, D, 1, cross_layers=2, hidden=[4], orth_reg=1.0, orth_layers="first")
+    assert not parametrize.is_parametrized(first.cross.layers[1])  # layer 2 is neither scaled nor regularised
     with torch.no_grad():
-        for lin in first.cross.layers:
-            lin.parametrizations.weight.original.copy_(torch.eye(F_ * D))
+        first.cross.layers[0].parametrizations.weight.original.copy_(torch.eye(F_ * D))
     assert first.regularization().item() == pytest.approx((F_ * F_ - F_) * D)
 
 
