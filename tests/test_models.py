@@ -544,6 +544,30 @@ def test_shared_interaction_has_one_set_of_interaction_weights(cls):
     assert out.shape == (5,)
 
 
+def test_shared_batch_norm_equals_one_module_called_per_set():
+    """A BN shared by all sets (Fig. 10c) behaves like the reference's one BatchNorm1d called once per set: per-set
+    batch statistics in training, the M running-statistics updates in set order, shared running statistics in eval."""
+    torch.manual_seed(13)
+    M, B, C = 3, 6, 4
+    shared = SetBatchNorm(1, C)
+    ref = nn.BatchNorm1d(C)
+    with torch.no_grad():
+        for bn in (shared.bn, ref):
+            bn.weight.copy_(torch.linspace(0.5, 2.0, C))
+            bn.bias.copy_(torch.linspace(-1.0, 1.0, C))
+    for _ in range(2):  # two training steps
+        x = torch.randn(M, B, C) * 3 + 1
+        got = shared(x)
+        want = torch.stack([ref(x[m]) for m in range(M)])
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(shared.bn.running_mean, ref.running_mean)
+    torch.testing.assert_close(shared.bn.running_var, ref.running_var)
+    assert int(shared.bn.num_batches_tracked) == int(ref.num_batches_tracked) == 2 * M
+    shared.eval(), ref.eval()
+    x = torch.randn(M, B, C)
+    torch.testing.assert_close(shared(x), torch.stack([ref(x[m]) for m in range(M)]))
+
+
 @pytest.mark.parametrize("cls", [bb.DCNv2, bb.NFwFM, bb.CrossNet])
 def test_shared_interaction_shares_the_first_projection(cls):
     """Fig. 10c as the reference MultiESingleIDCNv2: the cross net AND the first MLP layer are one block shared by all

@@ -45,9 +45,11 @@ class SetLinear(nn.Module):
 class SetBatchNorm(nn.Module):
     """BatchNorm1d with separate statistics and affine parameters per set (one BN over ``M * C`` channels).
 
-    Built with ``sets=1`` and applied to M sets (a shared block, ICML 2024 Fig. 10c), one BN over ``C`` channels
-    normalises the M*B rows together (pooled batch statistics; our reading: the reference calls its shared block once
-    per set, so its training-mode statistics are per set).
+    Built with ``sets=1`` and applied to M sets (a block shared by all sets, ICML 2024 Fig. 10c): exactly what the
+    reference ``MultiESingleIDCNv2`` does by calling its one shared BatchNorm1d once per set. In training each set is
+    normalised with its own batch statistics, and the shared running statistics receive the M updates in set order,
+    ``r <- (1 - mu) r + mu s_m`` for m = 1..M, in closed form
+    ``r_M = (1 - mu)^M r_0 + sum_m mu (1 - mu)^(M - m) s_m``; in eval every set uses the shared running statistics.
     """
 
     def __init__(self, sets: int, channels: int):
@@ -57,10 +59,36 @@ class SetBatchNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (M, B, C)
         M, B, C = x.shape
-        if self.sets == 1 and M > 1:  # shared over sets
-            return self.bn(x.reshape(M * B, C)).reshape(M, B, C)
+        if self.sets == 1 and M > 1:
+            return self._shared(x)
         y = self.bn(x.transpose(0, 1).reshape(B, M * C))
         return y.reshape(B, M, C).transpose(0, 1)
+
+    def _shared(self, x: Tensor) -> Tensor:
+        bn, (M, B, C) = self.bn, x.shape
+        if not (self.training or bn.running_mean is None):
+            return bn(x.reshape(M * B, C)).reshape(M, B, C)
+        mean = x.mean(1, keepdim=True)  # (M, 1, C): each set's batch statistics
+        var = x.var(1, unbiased=False, keepdim=True)
+        y = (x - mean) * torch.rsqrt(var + bn.eps)
+        if bn.affine:
+            y = y * bn.weight + bn.bias
+        if self.training and bn.track_running_stats:
+            with torch.no_grad():
+                unbiased = var * (B / max(B - 1, 1))
+                if bn.momentum is None:  # cumulative average: a different mu per update, applied in set order
+                    for m in range(M):
+                        bn.num_batches_tracked.add_(1)
+                        mu = 1.0 / float(bn.num_batches_tracked)
+                        bn.running_mean.mul_(1 - mu).add_(mu * mean[m, 0])
+                        bn.running_var.mul_(1 - mu).add_(mu * unbiased[m, 0])
+                else:
+                    bn.num_batches_tracked.add_(M)
+                    mu = bn.momentum
+                    w = mu * (1 - mu) ** torch.arange(M - 1, -1, -1, dtype=x.dtype, device=x.device)  # (M,)
+                    bn.running_mean.mul_((1 - mu) ** M).add_((w[:, None] * mean[:, 0]).sum(0))
+                    bn.running_var.mul_((1 - mu) ** M).add_((w[:, None] * unbiased[:, 0]).sum(0))
+        return y
 
 
 class SetMLPBlock(nn.Module):
