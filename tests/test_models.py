@@ -269,6 +269,9 @@ def test_autoint_logit_layout_against_per_set_loop():
     want = model.att_out(att.flatten(1)).squeeze(-1) + model.tower(e.flatten(2))
     torch.testing.assert_close(model(e), want, atol=1e-5, rtol=1e-5)
     assert [t.shape for t in model.layer_outputs(e)] == [(M, 7, len(DIMS), 4)] * 2
+    fresh = SelfAttentionLayers(2, 3, layers=1, heads=2, att_dim=8)  # nn.MultiheadAttention's init
+    assert bool((fresh.qkv[0].bias == 0).all()) and bool((fresh.out[0].bias == 0).all())
+    assert float(fresh.qkv[0].weight.abs().max()) <= math.sqrt(6.0 / 32)
     no_dnn = bb.AutoInt(len(DIMS), 4, M, attention_layers=1, heads=1, att_dim=4, hidden=[])
     assert no_dnn.tower is None and no_dnn(e).shape == (7,)
 

@@ -359,7 +359,8 @@ class SelfAttentionLayers(nn.Module):
     ``torch.nn.MultiheadAttention`` (``H`` heads of size ``A / H``, in-projection with bias, output projection with bias),
     a residual connection and LayerNorm: ``x_{l+1} = LN(x_l + MHA(x_l))``, with
     ``MHA(x) = concat_h softmax(Q_h K_h^T / sqrt(A/H)) V_h  W_o + b_o``. ``attention_dropout`` drops attention weights
-    in training. ``forward`` returns ``ReLU(x_L)``; ``layer_outputs`` returns ``x_1 .. x_L`` (the same code path).
+    in training. Initialised as ``torch.nn.MultiheadAttention`` (in-projection Xavier-uniform, projection biases 0).
+    ``forward`` returns ``ReLU(x_L)``; ``layer_outputs`` returns ``x_1 .. x_L`` (the same code path).
     (M, B, F, D) -> (M, B, F, A).
     """
 
@@ -373,6 +374,11 @@ class SelfAttentionLayers(nn.Module):
         self.qkv = nn.ModuleList(SetLinear(sets, att_dim, 3 * att_dim) for _ in range(layers))
         self.out = nn.ModuleList(SetLinear(sets, att_dim, att_dim) for _ in range(layers))
         self.norm = nn.ModuleList(SetLayerNorm(sets, att_dim) for _ in range(layers))
+        for qkv, out in zip(self.qkv, self.out):  # torch.nn.MultiheadAttention's initialisation
+            bound = math.sqrt(6.0 / (att_dim + 3 * att_dim))  # xavier_uniform over the (3A, A) in-projection
+            nn.init.uniform_(qkv.weight, -bound, bound)
+            nn.init.zeros_(qkv.bias)
+            nn.init.zeros_(out.bias)
 
     def layer_outputs(self, e: Tensor) -> list[Tensor]:  # (M, B, F, D) -> L x (M, B, F, A)
         M, B, Fn, _ = e.shape
