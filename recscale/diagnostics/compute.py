@@ -36,7 +36,10 @@ class Report:
 
 
 def field_grams(model, normalize_rows: bool = False) -> tuple[list[Tensor], list[list[Tensor]]]:
-    """Per field: the Gram of the concatenated sets (M*D square) and the per-set Grams (D square), float64."""
+    """Per field: the Gram of the concatenated sets (M*D square) and the per-set Grams (D square), float64.
+
+    The products run where the model lives (GPU: the (|V|, M*D) tables never leave it); the reduced M*D x M*D Grams
+    are returned on the host, where the hundreds of small eigen-solves that follow are cheaper than as GPU calls."""
     emb = model.embedding
     M, D = emb.num_sets, emb.dim
     full, per_set = [], []
@@ -44,12 +47,12 @@ def field_grams(model, normalize_rows: bool = False) -> tuple[list[Tensor], list
         for f in range(len(emb.field_dims)):
             t = emb.table(f).detach().to(torch.float64)
             if not normalize_rows:
-                g = t.T @ t
+                g = (t.T @ t).cpu()
                 full.append(g)
                 per_set.append([g[m * D:(m + 1) * D, m * D:(m + 1) * D] for m in range(M)])
             else:
-                full.append(mt.gram(t, normalize_rows=True))
-                per_set.append([mt.gram(t[:, m * D:(m + 1) * D], normalize_rows=True) for m in range(M)])
+                full.append(mt.gram(t, normalize_rows=True).cpu())
+                per_set.append([mt.gram(t[:, m * D:(m + 1) * D], normalize_rows=True).cpu() for m in range(M)])
     return full, per_set
 
 
@@ -144,7 +147,7 @@ def compute_report(model, sample: tuple[Tensor, Tensor] | None, opts: Options | 
     bb = model.backbone
     sub_mats = []
     if hasattr(bb, "blocks"):
-        blocks = bb.blocks().detach()  # (S, F, F, D, D)
+        blocks = bb.blocks().detach().cpu()  # (S, F, F, D, D), next to the host Grams
         for m in range(M):
             A = mt.sub_embedding_ia([per_set[f][m] for f in range(len(dims))], blocks[min(m, blocks.shape[0] - 1)])
             sub_mats.append(A)
@@ -184,7 +187,7 @@ def compute_report(model, sample: tuple[Tensor, Tensor] | None, opts: Options | 
                 rep.metrics[key] = mt.rankme(sigma=mt.spectrum_from_gram(g))
                 c = (g - torch.outer(s, s) / n) / max(n - 1, 1)  # centred covariance from the same sums
                 ev = torch.linalg.eigvalsh(c).flip(0).clamp_min(0.0)
-                cov[name] = (ev / ev[0].clamp_min(1e-300)).numpy()
+                cov[name] = (ev / ev[0].clamp_min(1e-300)).cpu().numpy()
         rep.metrics["rankme/sample_rows"] = float(n)
         rep.tables["covariance_spectrum"] = [{"of": k, "index": i + 1, "normalized_eigenvalue": float(v)}
                                              for k, arr in cov.items() for i, v in enumerate(arr)]
@@ -200,5 +203,5 @@ def compute_report(model, sample: tuple[Tensor, Tensor] | None, opts: Options | 
             rep.figures["sub_embedding_ia"] = plots.sub_ia(sub_mats[0].numpy(), ia_set[0], names,
                                                            rep.metrics["sub_ia/correlation_factor"])
         if hasattr(bb, "blocks") and M > 1:
-            rep.figures["interaction_patterns"] = plots.patterns(mt.interaction_pattern(bb.blocks().detach()).numpy())
+            rep.figures["interaction_patterns"] = plots.patterns(mt.interaction_pattern(blocks).numpy())
     return rep
