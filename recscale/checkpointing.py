@@ -40,8 +40,11 @@ class ConfiguredOptimizer(Callback):
     hyperparameters (lr, weight decay, ...) are those of the current config, not the checkpoint's."""
 
     def on_train_start(self, trainer, pl_module) -> None:
-        fresh = pl_module.configure_optimizers()
+        fresh = pl_module.configure_optimizers()  # any of Lightning's return forms -> the optimizers, in order
+        if isinstance(fresh, tuple) and len(fresh) == 2 and isinstance(fresh[0], list):
+            fresh = fresh[0]
         fresh = list(fresh) if isinstance(fresh, (list, tuple)) else [fresh]
+        fresh = [f["optimizer"] if isinstance(f, dict) else f for f in fresh]
         for opt, new in zip(trainer.optimizers, fresh):
             for group, new_group in zip(opt.param_groups, new.param_groups):
                 group.update({k: v for k, v in new_group.items() if k != "params"})
