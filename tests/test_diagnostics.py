@@ -1,7 +1,10 @@
 """Collapse diagnostics: closed-form cases, the Gram path against SVD, and the MLflow logging of a real fit."""
 
+import json
 import math
+from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -208,7 +211,20 @@ def test_toy_command_writes_figure_and_values(tmp_path, monkeypatch):
     assert run.data.metrics["ia_e1_small"] == pytest.approx(s["final_ia_small"])
 
 
-def test_fit_logs_every_diagnostic_and_analyze_adds_to_the_run(criteo_dir, tmp_path, monkeypatch):
+class ForceCollapse(L.Callback):
+    """Test helper: before epoch 1's validation, every embedding row becomes a multiple of one vector (rank 1)."""
+
+    def on_validation_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1 and not trainer.sanity_checking:
+            with torch.no_grad():
+                w = pl_module.embedding.weight
+                w.copy_(w[:, :1] * torch.linspace(0.5, 1.5, w.shape[1]))
+
+
+def test_fit_logs_headline_diagnostics_best_step_alarm_and_analyze(criteo_dir, tmp_path, monkeypatch, capsys):
+    """A DCNv2 ME 10x fit on the sample: well under 100 metric keys (C4), per-field values in values.csv, the best
+    checkpoint's pass as diag_best/* + best_step + values.json (C3), per-layer metrics and ia_vs_depth.png (issue 11),
+    a forced collapse raises the alarm and stops training, and `analyze` logs into the run."""
     from mlflow.tracking import MlflowClient
 
     from recscale.diagnostics.analyze import analyze
@@ -217,28 +233,43 @@ def test_fit_logs_every_diagnostic_and_analyze_adds_to_the_run(criteo_dir, tmp_p
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
-    cli_main(["fit", f"--config={ROOT / 'configs/model/dcnv2.yaml'}", f"--config={ROOT / 'configs/scale/me2x.yaml'}",
-              f"--data.data_dir={criteo_dir}", "--data.batch_size=1024", "--data.num_workers=0",
-              "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false", "--diagnostics.sample_rows=600"])
+    cli_main(["fit", f"--config={ROOT / 'configs/model/dcnv2.yaml'}", f"--config={ROOT / 'configs/scale/me10x.yaml'}",
+              f"--data.data_dir={criteo_dir}", "--data.batch_size=2048", "--data.num_workers=0",
+              "--trainer.max_epochs=4", "--trainer.enable_progress_bar=false", "--diagnostics.sample_rows=400",
+              "--diagnostics.alarm_drop=0.5", "--diagnostics.alarm_stop=true",
+              '--trainer.callbacks=[{"class_path": "test_diagnostics.ForceCollapse"}]'])
+    err = capsys.readouterr().err
+    assert "diagnostics at step" in err and "gradients (400 rows)" in err and "collapse alarm" in err
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("recscale").experiment_id])[0]
-    m = run.data.metrics
-    for key in ["diag/ia/mean", "diag/ia/I1", "diag/ia/C26", "diag/ia_set0/C3", "diag/ia_set1/C3", "diag/ia_set/mean",
-                "diag/diversity/mean", "diag/sub_ia/correlation_factor", "diag/rankme/embeddings",
-                "diag/rankme/gradients", "diag/seconds"]:
+    rid, m = run.info.run_id, run.data.metrics
+    assert len(m) < 60, sorted(m)  # measured 47; was 444 before the C4 reduction (ux finding #7)
+    for key in ["diag/ia/mean", "diag/ia_set/mean", "diag/diversity/mean", "diag/sub_ia/correlation_factor",
+                "diag/rankme/embeddings", "diag/rankme/gradients", "diag/seconds", "diag/layer1/ia_mean",
+                "diag/layer4/rankme", "diag/alarm"]:
         assert key in m, key
-    assert m["diag/rankme/sample_rows"] == 600
-    hist = client.get_metric_history(run.info.run_id, "diag/rankme/gradients")
-    assert len(hist) == 2 and hist[0].step < hist[1].step  # tracked over training
-    steps = [a.path for a in client.list_artifacts(run.info.run_id, "diagnostics")]
+    assert "diag/ia/C1" not in m and "diag/ia_set3/C1" not in m and "diag/layer5/rankme" not in m
+    assert m["diag/rankme/sample_rows"] == 400
+    hist = client.get_metric_history(rid, "diag/ia/mean")
+    assert len(hist) == 2, "the alarm at the second pass stops training (max_epochs 4)"
+    assert "rankme/embeddings fell" in run.data.tags["collapse_alarm"]
+    # C3: the best checkpoint's pass
+    best = int(run.data.tags["best_step"])
+    assert best in {h.step for h in hist}
+    assert m["diag_best/ia/mean"] == pytest.approx(next(h.value for h in hist if h.step == best))
+    assert "diag_best/layer4/rankme" in m and "diag_best/rankme/gradients" in m
+    vals = json.loads(Path(client.download_artifacts(rid, "diagnostics/best/values.json", str(tmp_path))).read_text())
+    assert vals["step"] == best and vals["metrics"]["ia/mean"] == pytest.approx(m["diag_best/ia/mean"])
+    assert {"ia/C1", "ia_set9/C1", "diversity/C1", "layer4/set9/rankme"} <= set(vals["metrics"])
+    steps = [a.path for a in client.list_artifacts(rid, "diagnostics") if "step" in a.path]
     assert len(steps) == 2
-    files = {a.path.rsplit("/", 1)[1] for a in client.list_artifacts(run.info.run_id, steps[-1])}
-    assert {"ia_heatmap.png", "spectra.png", "spectra.csv", "ia.csv", "covariance_spectrum.png",
-            "sub_embedding_ia.png", "sub_embedding_ia.csv", "interaction_patterns.png", "diversity.csv"} <= files
-    s = analyze(run_id=run.info.run_id, tracking_uri=uri, sample_rows=600)
+    files = {a.path.rsplit("/", 1)[1] for a in client.list_artifacts(rid, steps[-1])}
+    assert {"ia_heatmap.png", "spectra.png", "spectra.csv", "ia.csv", "covariance_spectrum.png", "values.csv",
+            "sub_embedding_ia.png", "sub_embedding_ia.csv", "interaction_patterns.png", "diversity.csv",
+            "ia_vs_depth.png"} <= files
+    s = analyze(run_id=rid, tracking_uri=uri, sample_rows=300)
     assert s["rankme/embeddings"] > 1
-    steps_after = [a.path for a in client.list_artifacts(run.info.run_id, "diagnostics")]
-    assert any("analyze-step" in p for p in steps_after)
+    assert any("analyze-step" in a.path for a in client.list_artifacts(rid, "diagnostics"))
 
 
 # ------------------------------------------------------------------ gradient RankMe in train mode (issue 10 item 2)

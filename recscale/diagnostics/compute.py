@@ -120,7 +120,7 @@ class Moments:
             c = mt.xtx(z.T) / max(self.n - 1, 1)
         else:
             c = (self.g - torch.outer(self.s, self.s) / self.n) / max(self.n - 1, 1)
-        ev = torch.linalg.eigvalsh(c).flip(0).clamp_min(0.0)[: self.rank]
+        ev = mt.eigvalsh(c).flip(0).clamp_min(0.0)[: self.rank]
         return ev / ev[0].clamp_min(1e-300)
 
     def block_grams(self, blocks: int) -> Tensor:
@@ -174,33 +174,36 @@ def _flat(e: Tensor) -> Tensor:  # (M, B, F, D) -> (B, F*M*D), the field-major l
     return e.permute(1, 2, 0, 3).reshape(e.shape[1], -1)
 
 
-def _embedding_and_layer_moments(model, ids: Tensor, opts: Options, want_z: bool, want_layers: bool):
-    """Moments of Z (N, F*M*D) and, per layer l (0 = the input embeddings) and set m, of the layer output (N_l, F_l*D_l),
-    the layers taken in eval mode (the representation as served) on the first ``layer_rows`` rows."""
+def _embedding_moments(model, ids: Tensor, opts: Options) -> Moments:
+    """Moments of Z (N, F*M*D), the sample's flattened field embeddings."""
+    z = Moments(len(ids))
+    with torch.inference_mode(False), torch.no_grad():
+        for s in range(0, len(ids), opts.chunk_rows):
+            z.add(_flat(_lookup(model, ids[s:s + opts.chunk_rows])))
+    return z
+
+
+def _layer_moments(model, ids: Tensor, opts: Options) -> list[list[Moments]]:
+    """Per layer l (0 = the input embeddings) and set m, moments of the layer output (N_l, F_l*D_l), in eval mode (the
+    representation as served), on the first ``layer_rows`` rows of the sample."""
     bb = model.backbone
-    n = len(ids)
-    n_l = min(n, opts.layer_rows)
-    z = Moments(n) if want_z else None
+    n = min(len(ids), opts.layer_rows)
     layers: list[list[Moments]] | None = None
     was = bb.training
     bb.eval()
     try:
         with torch.inference_mode(False), torch.no_grad():
             for s in range(0, n, opts.chunk_rows):
-                e = _lookup(model, ids[s:s + opts.chunk_rows])  # (M, B, F, D)
-                if z is not None:
-                    z.add(_flat(e))
-                if want_layers and s < n_l:
-                    e = e[:, : n_l - s]
-                    outs = [e, *bb.layer_outputs(e)]  # each (M, B, F_l, D_l)
-                    if layers is None:
-                        layers = [[Moments(n_l, o.shape[2]) for _ in range(o.shape[0])] for o in outs]
-                    for acc, o in zip(layers, outs):
-                        for m in range(o.shape[0]):
-                            acc[m].add(o[m].flatten(1))
+                e = _lookup(model, ids[s:min(s + opts.chunk_rows, n)])  # (M, B, F, D)
+                outs = [e, *bb.layer_outputs(e)]  # each (M, B, F_l, D_l)
+                if layers is None:
+                    layers = [[Moments(n, o.shape[2]) for _ in range(o.shape[0])] for o in outs]
+                for acc, o in zip(layers, outs):
+                    for m in range(o.shape[0]):
+                        acc[m].add(o[m].flatten(1))
     finally:
         bb.train(was)
-    return z, layers
+    return layers
 
 
 def _gradient_moments(model, ids: Tensor, y: Tensor, opts: Options) -> Moments:
@@ -272,8 +275,7 @@ def compute_report(model, sample: tuple[Tensor, Tensor] | None, opts: Options | 
         # spectra cut to each table's rank min(|V_f|, width), values below the Gram's resolution are 0 (not resolved)
         sig_full = [mt.spectrum_from_gram(g, min(dims[f], M * D)) for f, g in enumerate(full)]
         ia_full = np.array([_ia(s) for s in sig_full])
-        ia_set = np.array([[_ia(mt.spectrum_from_gram(per_set[f][m], min(dims[f], D))) for f in range(len(dims))]
-                           for m in range(M)])  # (M, F)
+        ia_set = mt.ia_from_grams(torch.stack([torch.stack(gs) for gs in per_set], 1)).cpu().numpy()  # (M, F)
         for f, n in enumerate(names):
             rep.metrics[f"ia/{n}"] = float(ia_full[f])
         rep.metrics["ia/mean"] = float(ia_full.mean())
@@ -343,14 +345,14 @@ def compute_report(model, sample: tuple[Tensor, Tensor] | None, opts: Options | 
     # RankMe of Z and of dL/dZ on the fixed validation sample; per-layer IA and RankMe on its first layer_rows rows
     cov, layer_ia, layer_rm = {}, None, None
     want_layers = opts.layers and hasattr(bb, "layer_outputs")
-    if sample is not None and (opts.rankme or want_layers):
-        with _part(rep, "rankme" if opts.rankme else "layers", opts):
-            z, layers = _embedding_and_layer_moments(model, sample[0], opts, opts.rankme, want_layers)
-            if z is not None:
-                rep.metrics["rankme/embeddings"] = mt.rankme(sigma=z.sigma())
-                cov["z"] = z.covariance_spectrum().cpu().numpy()
-            if layers is not None:
-                layer_ia, layer_rm = _layer_values(layers, rep)
+    if sample is not None and opts.rankme:
+        with _part(rep, "rankme", opts):
+            z = _embedding_moments(model, sample[0], opts)
+            rep.metrics["rankme/embeddings"] = mt.rankme(sigma=z.sigma())
+            cov["z"] = z.covariance_spectrum().cpu().numpy()
+    if sample is not None and want_layers:
+        with _part(rep, "layers", opts):
+            layer_ia, layer_rm = _layer_values(_layer_moments(model, sample[0], opts), rep)
     if sample is not None and opts.gradient_rankme:
         with _part(rep, "gradients", opts):
             g = _gradient_moments(model, sample[0], sample[1], opts)
@@ -395,7 +397,7 @@ def _layer_values(layers: list[list[Moments]], rep: Report) -> tuple[np.ndarray,
     for l, per_set in enumerate(layers):
         for m, acc in enumerate(per_set):
             rm[l, m] = mt.rankme(sigma=acc.sigma())
-            ia[l, m] = np.mean([_ia(mt.spectrum_from_gram(g, min(acc.n, g.shape[0]))) for g in acc.block_grams(acc.fields)])
+            ia[l, m] = float(mt.ia_from_grams(acc.block_grams(acc.fields)).mean())
             rep.metrics[f"layer{l}/set{m}/ia_mean"] = float(ia[l, m])
             rep.metrics[f"layer{l}/set{m}/rankme"] = float(rm[l, m])
         rep.metrics[f"layer{l}/ia_mean"] = float(ia[l].mean())  # mean over sets
