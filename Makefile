@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DATA ?= prepared/criteo_sample
 
-.PHONY: install demo test test-all bench clean-demo grid grid-sigir grid-data-fraction mlflow report
+.PHONY: install demo test test-all bench clean-demo grid grid-sigir grid-data-fraction mlflow report slurm-up slurm-down
 
 install: $(VENV)/.recscale-installed
 
@@ -43,13 +43,16 @@ clean-demo:
 # ---------------------------------------------------------------- the scaling grid (ICML 2024 Table 1 and friends)
 # make grid DATASET=criteo [MODELS=dnn,dcnv2] [MODES=SE,ME] [SCALES=1,10] [SEEDS=0] [EXTRA="--trainer.max_epochs 5"]
 #           [GPUS=0,1,2,3] [DRY_RUN=1]; `make -j N grid` runs N cells at once (one GPU each with GPUS).
+# On a SLURM cluster: make grid LAUNCHER=slurm [SLURM_OPTS="--slurm-partition gpu --slurm-time 24:00:00 ..."]
+# submits the grid as one job array (see README, "Running the grid on a SLURM cluster"); STATUS=1 prints progress.
 DATASET ?= criteo
 MODES ?= SE,ME
 SCALES ?= 1,2,3,4,10
 SEEDS ?= 0,1,2
 JOBS = $(or $(patsubst -j%,%,$(filter -j%,$(MAKEFLAGS))),1)
 GRID = $(VENV)/bin/recscale grid --dataset $(DATASET) --seeds "$(SEEDS)" -j $(JOBS) $(if $(GPUS),--gpus "$(GPUS)") \
-	$(if $(DRY_RUN),--dry-run) $(if $(MODELS),--models "$(MODELS)")
+	$(if $(DRY_RUN),--dry-run) $(if $(MODELS),--models "$(MODELS)") \
+	$(if $(LAUNCHER),--launcher $(LAUNCHER)) $(SLURM_OPTS) $(if $(STATUS),--status)
 
 grid: install
 	$(GRID) icml24 --modes "$(MODES)" --scales "$(SCALES)" $(EXTRA)
@@ -65,9 +68,19 @@ report: install
 
 # ---------------------------------------------------------------- a local MLflow tracking server
 MLFLOW_PORT ?= 5000
+# MLFLOW_HOST=0.0.0.0 serves other machines too (e.g. the nodes of a SLURM cluster)
+MLFLOW_HOST ?= 127.0.0.1
 mlflow: install
 	@mkdir -p mlruns/server-artifacts
-	@echo "MLflow tracking server on http://127.0.0.1:$(MLFLOW_PORT) -- in another shell:"
-	@echo "    export MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT)"
+	@echo "MLflow tracking server on http://$(MLFLOW_HOST):$(MLFLOW_PORT) -- in another shell:"
+	@echo "    export MLFLOW_TRACKING_URI=http://$(if $(filter 0.0.0.0,$(MLFLOW_HOST)),$$(hostname -f),$(MLFLOW_HOST)):$(MLFLOW_PORT)"
 	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlruns/server.db \
-		--artifacts-destination $(CURDIR)/mlruns/server-artifacts --host 127.0.0.1 --port $(MLFLOW_PORT)
+		--artifacts-destination $(CURDIR)/mlruns/server-artifacts --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
+
+# ---------------------------------------------------------------- a one-node SLURM cluster on this machine (root)
+# for trying `make grid LAUNCHER=slurm` and for the SLURM tests (tests/test_slurm.py); see scripts/slurm/up.sh
+slurm-up:
+	bash scripts/slurm/up.sh
+
+slurm-down:
+	bash scripts/slurm/down.sh

@@ -170,6 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experiment", default="recscale")
     ap.add_argument("--tracking-uri", default=None)
     ap.add_argument("--log-dir", default="outputs/grid")
+    ap.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                    help="local: -j cells at once on this machine (default); slurm: one SLURM job array (recscale.slurm)")
+    ap.add_argument("--status", action="store_true",
+                    help="print how many cells are finished/running/queued/failed (MLflow and SLURM) and exit")
+    from recscale import slurm
+
+    slurm.add_arguments(ap)
     a, extra = ap.parse_known_args(argv)
     seeds = [int(s) for s in a.seeds.split(",") if s]
     if a.grid == "icml24":
@@ -185,9 +192,32 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"recscale grid: error: config file(s) not found: {', '.join(missing)}", file=sys.stderr)
         return 2
+    if a.status or a.launcher == "slurm":
+        return _slurm_or_status(a, cells, extra)
     gpus = [g for g in a.gpus.split(";")] if a.gpus and ";" in a.gpus else (a.gpus.split(",") if a.gpus else None)
     res = run_grid(cells, extra, a.jobs, a.dry_run, gpus, a.tracking_uri, a.experiment, a.log_dir)
     if res["failed"]:
         print(f"grid: {len(res['failed'])} cell(s) failed: {', '.join(res['failed'])}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _slurm_or_status(a: argparse.Namespace, cells: list[Cell], extra: list[str]) -> int:
+    from recscale import slurm
+    from recscale.tracking import default_tracking_uri
+
+    uri = a.tracking_uri or default_tracking_uri()
+    try:
+        opts = slurm.options_from_args(a)
+        if a.status:
+            extra = [*extra, *(opts.fit_overrides() if a.launcher == "slurm" else [])]
+            slurm.status(cells, extra, uri, a.experiment, a.log_dir)
+            return 0
+        res = slurm.submit_grid(cells, extra, opts, uri, a.experiment, a.log_dir, a.dry_run, a.wait)
+    except slurm.SlurmError as e:
+        print(f"recscale grid: error: {e}", file=sys.stderr)
+        return 2
+    if res["failed"]:
+        print(f"grid: {len(res['failed'])} cell(s) did not finish: {', '.join(res['failed'])}", file=sys.stderr)
         return 1
     return 0

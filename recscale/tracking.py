@@ -207,6 +207,9 @@ class TrackRun(SaveConfigCallback):
             tags = {"model": name, "mode": hp.get("mode", "?"), "scale": str(hp.get("scale", "?")),
                     "dataset": dm.spec.get("dataset", "?") if isinstance(dm, CTRDataModule) else "?",
                     "seed": str(cfg.get("seed_everything")), "config_hash": config_hash(cfg)}
+            from recscale.slurm import job_tags
+
+            tags.update(job_tags())  # SLURM job/array ids when the run (or its resumption) runs in a SLURM job
             for k, v in tags.items():
                 client.set_tag(run, k, v)
             client.log_text(run, text, "config.yaml")

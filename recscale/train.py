@@ -19,10 +19,12 @@ from pathlib import Path
 
 import torch
 from jsonargparse import lazy_instance
+from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from recscale.checkpointing import RUN_FILE, AtomicCheckpointIO, RandomState
 from recscale.data.datamodule import CTRDataModule
@@ -30,6 +32,7 @@ from recscale.data.formats import PrepareError
 from recscale.diagnostics.callback import CollapseDiagnostics
 from recscale.models.backbones import ConfigError
 from recscale.models.module import CTRModel
+from recscale.signals import GracefulStop
 from recscale.tracking import (
     RecscaleLogger,
     TrackRun,
@@ -45,6 +48,9 @@ class SamplesPerSecond(Callback):
 
     def on_train_epoch_start(self, trainer, pl_module):
         self.t0, self.n, self.t_last, self.n_last = time.perf_counter(), 0, time.perf_counter(), 0
+
+    def on_train_start(self, trainer, pl_module):  # a fit resumed mid-epoch starts without on_train_epoch_start
+        self.on_train_epoch_start(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.n += len(batch[1])
@@ -95,13 +101,23 @@ class RecscaleCLI(LightningCLI):
                     print(f"recscale: resuming MLflow run {run_id} from {ckpt}", file=sys.stderr)
 
     def instantiate_trainer(self, **kwargs):
-        """Atomic checkpoint writes unless the config brings its own CheckpointIO (added here rather than as a
-        config default, so that the resolved config stays serialisable and its hash stable)."""
-        plugins = (self._get(self.config_init, "trainer", default={}) or {}).get("plugins") or []
+        """Atomic checkpoint writes unless the config brings its own CheckpointIO, SIGTERM/SIGUSR1 handling
+        (recscale.signals), and, inside a SLURM job, Lightning's SLURM environment without its own requeueing (the
+        launcher requeues; see recscale.slurm). Added here rather than as config defaults, so that the resolved
+        config stays serialisable and its hash stable."""
+        trainer_cfg = self._get(self.config_init, "trainer", default={}) or {}
+        plugins = trainer_cfg.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
+        if SLURMEnvironment.detect() and not any(isinstance(p, ClusterEnvironment) for p in plugins):
+            plugins.append(SLURMEnvironment(auto_requeue=False))
         kwargs["plugins"] = plugins
+        callbacks = trainer_cfg.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        if not any(isinstance(c, GracefulStop) for c in callbacks):
+            callbacks.append(GracefulStop())
+        kwargs["callbacks"] = callbacks
         trainer = super().instantiate_trainer(**kwargs)
         for lg in trainer.loggers:  # a tracking server must answer before anything runs (here, not in the logger's
             uri = getattr(lg, "_tracking_uri", "") or ""  # __init__: jsonargparse would swallow the error there)
@@ -114,6 +130,9 @@ class RecscaleCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
+        except SIGTERMException as e:  # a SystemExit with code 0 in Lightning: a stopped run must not look finished
+            stop = next((c for c in self.trainer.callbacks if isinstance(c, GracefulStop)), None)
+            raise SystemExit(stop.exit_code() if stop is not None else 143) from e
         except FloatingPointError as e:
             ck = self.trainer.checkpoint_callback
             last = (ck.last_model_path or ck.best_model_path) if ck is not None else ""

@@ -23,3 +23,16 @@ class StepRecorder(Callback):
         (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
             {"global_step": trainer.global_step, "batches": self.batches, "rows": self.rows,
              "world": trainer.world_size}))
+
+
+class SignalAt(Callback):
+    """Sends signal `name` (e.g. SIGTERM) to its own process after optimizer step `step` (deterministic stop point)."""
+
+    def __init__(self, step: int = 3, name: str = "SIGTERM"):
+        self.step, self.name = step, name
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            import signal
+
+            os.kill(os.getpid(), getattr(signal, self.name))

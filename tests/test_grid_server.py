@@ -129,11 +129,11 @@ def test_tiny_grid_against_a_real_server(server, sample_data_config, tmp_path):
     rep = build_report(server, "tiny", "criteo", str(tmp_path / "report"))
     rows = {(r["model"], r["mode"], r["scale"]): r for r in
             __import__("csv").DictReader(open(tmp_path / "report" / "icml24_table1.csv"))}
-    assert rows[("DNN", "SE", "2")]["runs"] == "1" and rows[("DCNv2", "ME", "2")]["runs"] == "1"
+    assert rows[("DNN", "SE", "2")]["n"] == "1" and rows[("DCNv2", "ME", "2")]["n"] == "1"
     assert float(rows[("DCNv2", "ME", "2")]["published_mean"]) == 0.81348
     assert rows[("DNN", "SE", "4")]["auc_mean"] == ""  # missing, never zero
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "| DCNv2 | ME |" in md and "—" in md and "paper 0.81348" in md
+    assert "| DCNv2 | ME | 2x | 1 |" in md and "—" in md and "0.81348 ± 0.00005" in md
     assert (tmp_path / "report" / "scalability.png").exists()
     arts = {a.path for a in client.list_artifacts(rep["summary_run_id"])}
     assert "report.md" in arts and "icml24_table1.csv" in arts
