@@ -84,8 +84,8 @@ def log_best(loggers, values: dict[str, float], step: int) -> None:
             except Exception as e:  # noqa: BLE001 - tracking server gone: the metrics are buffered by the logger
                 print(f"recscale: warning: could not set tag best_step ({e.__class__.__name__})", file=sys.stderr)
             with tempfile.TemporaryDirectory() as tmp:
-                clean = {k: (v if math.isfinite(v) else None) for k, v in values.items()}
-                (Path(tmp) / "values.json").write_text(json.dumps({"step": step, "metrics": clean}, indent=1))
+                # NaN (e.g. an undefined correlation factor) is written as the JSON extension NaN, which Python reads
+                (Path(tmp) / "values.json").write_text(json.dumps({"step": step, "metrics": values}, indent=1))
                 _upload(lg, tmp, "diagnostics/best")
 
 

@@ -47,14 +47,18 @@ def spectra(sig_full, dims, t=""):
     logc = np.log10(np.asarray(dims, dtype=float))
     norm = matplotlib.colors.Normalize(logc.min(), max(logc.max(), logc.min() + 1e-9))
     cmap = plt.get_cmap("plasma")
+    low = 1.0
     for f, s in enumerate(sig_full):
         s = s.cpu().numpy()
         r = s / max(s[0], 1e-300)
         r = np.where(r > 0, r, np.nan)
+        low = min(low, float(np.nanmin(r)) if np.isfinite(r).any() else 1.0)
         ax.plot(np.arange(1, len(r) + 1), r, color=cmap(norm(logc[f])), lw=0.9)
     ax.set_yscale("log")
-    ax.set_ylim(bottom=GRAM_RESOLUTION / 2)
-    ax.axhline(GRAM_RESOLUTION, color="grey", lw=0.6, ls=":")
+    ax.set_ylim(bottom=max(GRAM_RESOLUTION, low) / 2, top=1.5)
+    if low < 10 * GRAM_RESOLUTION:
+        ax.axhline(GRAM_RESOLUTION, color="grey", lw=0.6, ls=":", label="float64 Gram resolution")
+        ax.legend(loc="lower left")
     ax.set_xlabel("k")
     ax.set_ylabel(r"$\sigma_k / \sigma_1$")
     ax.set_title(f"Normalised singular spectrum per field{t}")
@@ -70,13 +74,14 @@ def covariance_spectra(cov: dict, n: int, t=""):
     eigenvalues are squares of singular values); the sample's rank limit min(N - 1, K) is marked."""
     floor = GRAM_RESOLUTION ** 2
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    k = 0
+    k, low = 0, 1.0
     for name, arr in cov.items():
         k = max(k, len(arr))
         a = np.where(arr >= floor, arr, np.nan)
+        low = min(low, float(np.nanmin(a)) if np.isfinite(a).any() else 1.0)
         ax.plot(np.arange(1, len(a) + 1), a, label={"z": "embeddings Z", "grad": "gradients dL/dZ"}[name], lw=1.1)
     ax.set_yscale("log")
-    ax.set_ylim(bottom=floor / 2, top=2.0)
+    ax.set_ylim(bottom=max(floor, low) / 2, top=2.0)
     if n - 1 <= k:
         ax.axvline(n - 1, color="grey", lw=0.8, ls="--", label=f"sample rank limit N-1 = {n - 1}")
     ax.set_xlabel("index k")
