@@ -124,9 +124,10 @@ def layers_study(n: int, rounds: int) -> None:
                 if with_layers:
                     parts = {k.split("/")[1]: v for k, v in rep.metrics.items() if k.startswith("seconds/")}
         split = ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
+        share = parts["layers"] / (sum(parts.values()) - parts["layers"])
         print(f"DCNv2 depth 8 {mode} {scale}x, {n:,}-row sample ({Options().layer_rows:,} for layers): pass without "
-              f"layers {best[False]:.1f} s | with layers {best[True]:.1f} s | ratio x{best[True] / best[False]:.3f} "
-              f"(parts, s: {split})", flush=True)
+              f"layers {best[False]:.1f} s | with layers {best[True]:.1f} s | ratio x{best[True] / best[False]:.3f} | "
+              f"layers part / rest of the same pass {share:.3f} (parts, s: {split})", flush=True)
         del model
 
 

@@ -133,7 +133,7 @@ class CollapseDiagnostics(Callback):
     def __init__(self, every_n_train_steps: int = 0, sample_rows: int = 50_000, sample_seed: int = 0,
                  normalize_rows: bool = False, rankme: bool = True, gradient_rankme: bool = True,
                  figures: bool = True, layers: bool = True, gradient_mode: Literal["train", "eval"] = "train",
-                 gradient_seed: int = 0, gradient_batch_rows: int = 0, layer_rows: int = 10_000,
+                 gradient_seed: int = 0, gradient_batch_rows: int = 0, layer_rows: int = 4096,
                  progress: bool = True, alarm_drop: float = 0.0, alarm_field_ia: float = 0.0,
                  alarm_stop: bool = False):
         super().__init__()

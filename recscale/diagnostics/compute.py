@@ -52,7 +52,7 @@ class Options:
     gradient_seed: int = 0  # seed of the dropout masks of the train-mode gradient pass (the training RNG is untouched)
     gradient_batch_rows: int = 0  # train mode: rows per backward (BatchNorm statistics); 0 = the whole sample (reference)
     layers: bool = True  # per-layer IA and RankMe for backbones with `layer_outputs` (issue 11)
-    layer_rows: int = 10_000  # rows of the fixed sample used per layer (the first ones; the sample is random already)
+    layer_rows: int = 4096  # rows of the fixed sample used per layer (the first ones; the sample is random already)
     figures: bool = True
     chunk_rows: int = 8192
     title: str = ""  # appended to figure titles, e.g. "step 8"

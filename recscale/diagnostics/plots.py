@@ -160,7 +160,7 @@ def diversity(values, fields, key, t=""):
 def ia_vs_depth(ia, rm, rows, t=""):
     """Per-layer mean field IA and RankMe against depth l (l = 0: the input embeddings), one line per set (issue 11)."""
     L1, M = ia.shape
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     x = np.arange(L1)
     for m in range(M):
         kw = {"label": f"set {m}" if M > 1 else "SE", "marker": "o", "ms": 3, "lw": 1}
@@ -172,7 +172,7 @@ def ia_vs_depth(ia, rm, rows, t=""):
         ax.set_xlabel("layer l (0 = input embeddings)")
         ax.set_xticks(x)
     if M <= 10:
-        axes[1].legend(ncol=2 if M > 5 else 1)
+        axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5))
     axes[0].set_title(f"IA vs depth{t}")
     axes[1].set_title(f"RankMe vs depth (N = {rows:,}){t}")
     fig.tight_layout()
