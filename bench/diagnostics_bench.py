@@ -106,13 +106,13 @@ def precision_study(n):
         del z
 
 
-def layers_study(n: int, rounds: int) -> None:
+def layers_study(n: int, rounds: int, only: str | None = None) -> None:
     """Pass time with and without the per-layer part, DCNv2 depth 8, alternating rounds, best of `rounds` each."""
     dims = criteo_reference_dims()
     g = torch.Generator().manual_seed(3)
     ids = torch.stack([torch.randint(0, d, (n,), generator=g) for d in dims], 1).int()
     y = torch.randint(0, 2, (n,), generator=g).float()
-    for mode, scale in (("SE", 1), ("ME", 10)):
+    for mode, scale in [ms for ms in (("SE", 1), ("ME", 10)) if only in (None, ms[0])]:
         torch.manual_seed(0)
         model = CTRModel(lambda f, d, m: bb.DCNv2(f, d, m, cross_layers=8), field_dims=dims, mode=mode, scale=scale)
         best = {True: float("inf"), False: float("inf")}
@@ -138,10 +138,11 @@ def main():
     ap.add_argument("--precision-study", action="store_true", help="only the cheaper-Gram accuracy study")
     ap.add_argument("--layers", action="store_true", help="only the per-layer diagnostics cost at depth 8")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--only", choices=["SE", "ME"], help="--layers: only this mode")
     a = ap.parse_args()
     if a.layers:
         print(f"{torch.get_num_threads()} threads", flush=True)
-        layers_study(a.sample_rows, a.rounds)
+        layers_study(a.sample_rows, a.rounds, a.only)
         return
     if a.precision_study:
         precision_study(a.sample_rows)

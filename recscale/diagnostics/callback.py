@@ -125,7 +125,8 @@ class CollapseDiagnostics(Callback):
         rankme, gradient_rankme, figures, layers: switch parts off.
         gradient_mode: "train" (paper, default) or "eval".
         gradient_seed: seed of the dropout masks of the gradient pass.
-        gradient_batch_rows: rows per backward in train mode (BatchNorm batch statistics); 0 = the whole sample.
+        gradient_batch_rows: rows per backward in train mode (BatchNorm batch statistics); 0 = the whole sample as one
+            batch (the SIGIR reference code); the default 8,192 bounds the memory of the backward.
         layer_rows: rows of the sample used for the per-layer diagnostics.
         progress: print a line per part.
     """
@@ -133,7 +134,7 @@ class CollapseDiagnostics(Callback):
     def __init__(self, every_n_train_steps: int = 0, sample_rows: int = 50_000, sample_seed: int = 0,
                  normalize_rows: bool = False, rankme: bool = True, gradient_rankme: bool = True,
                  figures: bool = True, layers: bool = True, gradient_mode: Literal["train", "eval"] = "train",
-                 gradient_seed: int = 0, gradient_batch_rows: int = 0, layer_rows: int = 4096,
+                 gradient_seed: int = 0, gradient_batch_rows: int = 8192, layer_rows: int = 4096,
                  progress: bool = True, alarm_drop: float = 0.0, alarm_field_ia: float = 0.0,
                  alarm_stop: bool = False):
         super().__init__()
