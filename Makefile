@@ -3,10 +3,17 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# CPU wheel by default. GPU users: install your CUDA build of torch into $(VENV) first, then `make ... TORCH_SPEC=`
-# (empty keeps the torch that is there), or set TORCH_SPEC to any pip requirement.
+# CPU wheel by default. GPU users: install your CUDA build of torch into $(VENV) first; `make install` keeps a CUDA
+# torch it finds there (and says so) unless you set TORCH_SPEC yourself (any pip requirement; empty = keep torch).
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DATA ?= prepared/criteo_sample
+# Targets that only run recscale (grid, report, mlflow) use the recscale of $(VENV), else the one on PATH (conda, uv,
+# a GPU venv), and install only when neither exists: they never reinstall or replace torch.
+RECSCALE := $(or $(wildcard $(VENV)/bin/recscale),$(shell command -v recscale 2>/dev/null))
+MLFLOW := $(or $(wildcard $(VENV)/bin/mlflow),$(shell command -v mlflow 2>/dev/null))
+NEED_INSTALL = $(if $(RECSCALE),,install)
+RECSCALE_BIN = $(or $(RECSCALE),$(VENV)/bin/recscale)
+MLFLOW_BIN = $(or $(MLFLOW),$(VENV)/bin/mlflow)
 
 .PHONY: install demo test test-all bench clean-demo grid grid-sigir grid-data-fraction mlflow report slurm-up slurm-down
 
@@ -14,7 +21,11 @@ install: $(VENV)/.recscale-installed
 
 $(VENV)/.recscale-installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	@cuda=$$($(PY) -c "import torch; print(torch.version.cuda or '')" 2>/dev/null); \
+	if [ -n "$$cuda" ] && [ "$(origin TORCH_SPEC)" = "file" ]; then \
+		echo "make: keeping the CUDA $$cuda build of torch in $(VENV); the default TORCH_SPEC=$(TORCH_SPEC) (a CPU wheel)" \
+			"was not installed (set TORCH_SPEC=... to choose torch yourself)" >&2; \
+	elif [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
 	$(PY) -m pip install -q -e ".[test]"
 	@touch $@
 
@@ -50,31 +61,31 @@ MODES ?= SE,ME
 SCALES ?= 1,2,3,4,10
 SEEDS ?= 0,1,2
 JOBS = $(or $(patsubst -j%,%,$(filter -j%,$(MAKEFLAGS))),1)
-GRID = $(VENV)/bin/recscale grid --dataset $(DATASET) --seeds "$(SEEDS)" -j $(JOBS) $(if $(GPUS),--gpus "$(GPUS)") \
+GRID = $(RECSCALE_BIN) grid --dataset $(DATASET) --seeds "$(SEEDS)" -j $(JOBS) $(if $(GPUS),--gpus "$(GPUS)") \
 	$(if $(DRY_RUN),--dry-run) $(if $(MODELS),--models "$(MODELS)") \
 	$(if $(LAUNCHER),--launcher $(LAUNCHER)) $(SLURM_OPTS) $(if $(STATUS),--status)
 
-grid: install
+grid: $(NEED_INSTALL)
 	$(GRID) icml24 --modes "$(MODES)" --scales "$(SCALES)" $(EXTRA)
 
-grid-sigir: install
+grid-sigir: $(NEED_INSTALL)
 	$(GRID) sigir $(EXTRA)
 
-grid-data-fraction: install
+grid-data-fraction: $(NEED_INSTALL)
 	$(GRID) data-fraction $(EXTRA)
 
-report: install
-	$(VENV)/bin/recscale report --dataset $(DATASET)
+report: $(NEED_INSTALL)
+	$(RECSCALE_BIN) report --dataset $(DATASET)
 
 # ---------------------------------------------------------------- a local MLflow tracking server
 MLFLOW_PORT ?= 5000
 # MLFLOW_HOST=0.0.0.0 serves other machines too (e.g. the nodes of a SLURM cluster)
 MLFLOW_HOST ?= 127.0.0.1
-mlflow: install
+mlflow: $(NEED_INSTALL)
 	@mkdir -p mlruns/server-artifacts
 	@echo "MLflow tracking server on http://$(MLFLOW_HOST):$(MLFLOW_PORT) -- in another shell:"
 	@echo "    export MLFLOW_TRACKING_URI=http://$(if $(filter 0.0.0.0,$(MLFLOW_HOST)),$$(hostname -f),$(MLFLOW_HOST)):$(MLFLOW_PORT)"
-	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlruns/server.db \
+	$(MLFLOW_BIN) server --backend-store-uri sqlite:///$(CURDIR)/mlruns/server.db \
 		--artifacts-destination $(CURDIR)/mlruns/server-artifacts --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
 
 # ---------------------------------------------------------------- a one-node SLURM cluster on this machine (root)

@@ -1,26 +1,75 @@
 """The `recscale` command.
 
-Data and analysis commands (`prepare`, `encode`, `synth`, `inspect`, `toy`, `analyze`) are plain argparse; training commands (`fit`, `validate`,
-`test`, `predict`) are a LightningCLI (see recscale.train).
+`recscale`, `recscale --help` and `recscale --version` answer without importing torch, Lightning or MLflow (each
+command imports what it needs when it runs). Data and analysis commands (`prepare`, `encode`, `synth`, `inspect`,
+`toy`, `analyze`) are plain argparse; training commands (`fit`, `validate`, `test`, `predict`) are a LightningCLI
+(see recscale.train); `grid` and `report` have their own parsers (recscale.grid, recscale.report).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 import time
 
-from recscale.data.formats import PROTOCOLS, PrepareError
-
+# every command with its one-line summary: the top-level help is built from this table (keep it complete)
+COMMANDS: dict[str, str] = {
+    "prepare": "raw Kaggle file -> Parquet shards + spec.json + vocab/",
+    "encode": "encode a raw file with the ids of a prepared directory",
+    "synth": "write a synthetic raw file in the dataset's own format",
+    "inspect": "stream a prepared split through the DataModule, summarised",
+    "fit": "train a model, tracked in MLflow (--config FILE ..., LightningCLI)",
+    "validate": "validation AUC/log loss of a checkpoint (--ckpt_path)",
+    "test": "test AUC/log loss of a checkpoint (--ckpt_path)",
+    "predict": "click probabilities of a checkpoint (--ckpt_path)",
+    "toy": "ICML 2024 toy experiment (App. G, Fig. 4), in seconds",
+    "analyze": "every diagnostic of a run's best checkpoint, logged to the run",
+    "grid": "run a paper grid (icml24, sigir, data-fraction) as fit cells",
+    "report": "paper tables and figures from finished runs vs published ones",
+}
 DATA_COMMANDS = ("prepare", "encode", "synth", "inspect", "toy", "analyze")
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _versions() -> str:
+    """``recscale X (torch Y, lightning Z, mlflow W)`` from the installed distributions' metadata (no imports)."""
+    from importlib import metadata
+
+    from recscale import __version__
+
+    def v(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return f"recscale {__version__} (torch {v('torch')}, lightning {v('lightning')}, mlflow {v('mlflow')})"
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="recscale", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Embedding collapse and multi-embedding scaling of CTR models (PyTorch Lightning + MLflow).",
+        epilog="`recscale COMMAND --help` shows a command's options. Quick start on the bundled sample:\n"
+               "  recscale prepare criteo --input data/criteo/sample.train --output prepared/criteo_sample\n"
+               "  recscale fit --config configs/dnn.yaml --config configs/data/criteo_sample.yaml\n"
+               "  mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db")
+    p.add_argument("--version", action="version", version=_versions())
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name, line in COMMANDS.items():
+        sub.add_parser(name, help=line, add_help=False)
+    return p
 
 
 def _data_parser() -> argparse.ArgumentParser:
+    from recscale.data.formats import PROTOCOLS
+
     p = argparse.ArgumentParser(prog="recscale", description="recscale data commands")
     sub = p.add_subparsers(dest="command", required=True)
 
-    pr = sub.add_parser("prepare", help="raw Kaggle file -> Parquet shards + spec.json + vocab/")
+    pr = sub.add_parser("prepare", help=COMMANDS["prepare"])
     pr.add_argument("dataset", help="criteo or avazu")
     pr.add_argument("--input", required=True, help="raw train.txt (Criteo) or train.csv (Avazu), plain or .gz")
     pr.add_argument("--output", help="output directory (default: prepared/DATASET_PROTOCOL)")
@@ -33,34 +82,34 @@ def _data_parser() -> argparse.ArgumentParser:
     pr.add_argument("--strict", action="store_true", help="stop at the first bad line instead of rejecting it")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    en = sub.add_parser("encode", help="encode another raw file with the ids of a prepared directory")
+    en = sub.add_parser("encode", help=COMMANDS["encode"])
     en.add_argument("--data", required=True, help="prepared directory whose vocab/ to use")
     en.add_argument("--input", required=True, help="raw file in the same format")
     en.add_argument("--output", required=True, help="output directory")
     en.add_argument("--overwrite", action="store_true")
     en.add_argument("--no-progress", action="store_true")
 
-    sy = sub.add_parser("synth", help="write a synthetic raw file in the dataset's own format")
+    sy = sub.add_parser("synth", help=COMMANDS["synth"])
     sy.add_argument("dataset", help="criteo or avazu")
     sy.add_argument("--rows", type=int, required=True)
     sy.add_argument("--output", required=True)
     sy.add_argument("--seed", type=int, default=0)
 
-    ins = sub.add_parser("inspect", help="stream a prepared split through the DataModule and summarise it")
+    ins = sub.add_parser("inspect", help=COMMANDS["inspect"])
     ins.add_argument("data_dir")
     ins.add_argument("--split", default="train", choices=["train", "valid", "test"])
     ins.add_argument("--batch-size", type=int, default=2048)
     ins.add_argument("--num-workers", type=int, default=0)
 
-    toy = sub.add_parser("toy", help="ICML 2024 toy experiment (App. G, Fig. 4): IA(E1) vs iteration, |X3| = 3 vs 100")
+    toy = sub.add_parser("toy", help=COMMANDS["toy"])
     toy.add_argument("--output", default="outputs/toy", help="directory for toy_ia.csv and toy_ia.png")
     toy.add_argument("--dim", type=int, default=10, help="embedding size K (default 10)")
     toy.add_argument("--iterations", type=int, default=5000)
     toy.add_argument("--seed", type=int, default=0)
     toy.add_argument("--no-mlflow", action="store_true", help="do not log a run to MLflow (experiment 'toy')")
 
-    an = sub.add_parser("analyze", help="recompute every diagnostic for a run's best checkpoint and log it to the run")
-    an.add_argument("--run", help="MLflow run id")
+    an = sub.add_parser("analyze", help=COMMANDS["analyze"])
+    an.add_argument("--run", help="MLflow run id or run name (unique in the store)")
     an.add_argument("--ckpt", help="a checkpoint file instead of a run's best checkpoint")
     an.add_argument("--data", help="prepared data directory (default: the run's)")
     an.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
@@ -75,6 +124,8 @@ def _print_summary(summary: dict) -> None:
 
 
 def run_data_command(argv: list[str]) -> int:
+    from recscale.data.formats import PrepareError
+
     args = _data_parser().parse_args(argv)
     try:
         if args.command == "prepare":
@@ -144,8 +195,21 @@ def _inspect(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in DATA_COMMANDS:
+    if not argv or argv[0].startswith("-"):  # `recscale`, `recscale --help`, `recscale --version`
+        p = _top_parser()
+        if not argv:
+            p.print_help()
+            sys.exit(0)
+        p.parse_args(argv[:1])  # --help / --version exit here
+        p.error(f"unknown option {argv[0]}: put options after the command (recscale COMMAND --help)")
+    if argv[0] not in COMMANDS:
+        close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+        print(f"recscale: error: unknown command {argv[0]!r}" + (f" (did you mean {close[0]}?)" if close else "")
+              + f"; commands: {', '.join(COMMANDS)} (recscale --help)", file=sys.stderr)
+        sys.exit(2)
+    if argv[0] in DATA_COMMANDS:
         sys.exit(run_data_command(argv))
     if argv and argv[0] == "grid":
         from recscale.grid import main as grid_main
@@ -157,4 +221,5 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(report_main(argv[1:]))
     from recscale.train import cli_main
 
-    cli_main(argv)
+    # argv=None lets LightningCLI read sys.argv itself (passing a copy makes it warn on every command)
+    cli_main(None if from_command_line else argv)

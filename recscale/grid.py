@@ -4,6 +4,10 @@ A cell is a list of config files plus overrides. Before launching, the runner re
 `recscale fit` would and hashes it (the same hash `fit` stores as the run tag ``config_hash``); a cell whose hash already
 has a FINISHED run in the MLflow experiment is skipped, so re-running a grid re-runs only failed, killed or new cells.
 
+Configs come from ``--configs-dir``, else ``./configs`` of the directory the grid runs in (your checkout, with your
+edits), else the copy installed with the package (``<prefix>/share/recscale/configs`` from a wheel); the directory
+used is printed. A grid invocation is one MLflow parent run (``grid-NAME-DATASET-TIME``) with its cells as child runs.
+
 GPU placement: with ``--gpus 0,1,2,3`` the k-th concurrent slot runs its cells with ``CUDA_VISIBLE_DEVICES`` set to
 the k-th id (one GPU per cell, ``-j`` = number of GPUs). For DDP per cell instead, pass ``--gpus`` groups such as
 ``0,1;2,3`` and ``--trainer.strategy ddp --trainer.devices 2`` as extra overrides.
@@ -22,7 +26,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+
+
+def configs_dir(explicit: str | None = None, cwd: Path | None = None) -> Path:
+    """The configs/ the grid uses: `explicit`, else ``CWD/configs``, else the installed copy (a wheel's
+    ``<prefix>/share/recscale/configs``, or the source checkout's for an editable install)."""
+    if explicit:
+        return Path(explicit).resolve()
+    for cand in ((cwd or Path.cwd()) / "configs", Path(sys.prefix) / "share" / "recscale" / "configs", ROOT / "configs"):
+        if (cand / "model").is_dir():
+            return cand.resolve()
+    return ((cwd or Path.cwd()) / "configs").resolve()  # missing: main() names the files it cannot find
+
+
+CONFIGS = configs_dir()  # resolved where the process starts; the builders below take `configs=` to override
 ICML_MODELS = ["dnn", "ipnn", "nfwfm", "xdeepfm", "dcnv2", "finalmlp"]
 SIGIR_MODELS = ["fm", "fm_pdnn", "fm_sdnn", "crossnet", "crossnet_pdnn", "crossnet_sdnn"]
 SCALES = [1, 2, 3, 4, 10]
@@ -41,41 +58,44 @@ class Cell:
         return ["fit", *[f"--config={c}" for c in self.configs], *self.overrides, *extra]
 
 
-def icml24_cells(dataset, models, modes, scales, seeds) -> list[Cell]:
+def icml24_cells(dataset, models, modes, scales, seeds, configs: Path | None = None) -> list[Cell]:
+    root = configs or CONFIGS
     cells = []
     for m in models:
         for scale in scales:
             for mode in (["SE"] if scale == 1 else modes):  # 1x is shared by SE and ME
                 for seed in seeds:
                     cells.append(Cell(f"{dataset}-{m}-{mode.lower()}{scale}x-seed{seed}",
-                                      [str(CONFIGS / "model" / f"{m}.yaml"),
-                                       str(CONFIGS / "scale" / f"{mode.lower()}{scale}x.yaml"),
-                                       str(CONFIGS / "data" / f"{dataset}.yaml")],
+                                      [str(root / "model" / f"{m}.yaml"),
+                                       str(root / "scale" / f"{mode.lower()}{scale}x.yaml"),
+                                       str(root / "data" / f"{dataset}.yaml")],
                                       [f"--seed_everything={seed}"], {"grid": "icml24"}))
     return cells
 
 
-def sigir_cells(dataset, models, seeds) -> list[Cell]:
-    return [Cell(f"{dataset}-{m}-seed{seed}", [str(CONFIGS / "model" / f"{m}.yaml"),
-                                               str(CONFIGS / "data" / f"{dataset}.yaml")],
+def sigir_cells(dataset, models, seeds, configs: Path | None = None) -> list[Cell]:
+    root = configs or CONFIGS
+    return [Cell(f"{dataset}-{m}-seed{seed}", [str(root / "model" / f"{m}.yaml"),
+                                               str(root / "data" / f"{dataset}.yaml")],
                  [f"--seed_everything={seed}"] + (["--model.base_dim=16"] if dataset == "avazu" else []),
                  {"grid": "sigir"})
             for m in models for seed in seeds]
 
 
-def data_fraction_cells(dataset, fractions, dims, seeds) -> list[Cell]:
+def data_fraction_cells(dataset, fractions, dims, seeds, configs: Path | None = None) -> list[Cell]:
     """ICML 2024 Table 2: SE DCNv2 at embedding sizes 5..40 and ME (4 x 10) at 40, on 1-100 % of the training data."""
+    root = configs or CONFIGS
     cells = []
     for frac in fractions:
         for seed in seeds:
             for d in dims:
                 cells.append(Cell(f"{dataset}-frac{frac:g}-dcnv2-se-d{d}-seed{seed}",
-                                  [str(CONFIGS / "model" / "dcnv2.yaml"), str(CONFIGS / "data" / f"{dataset}.yaml")],
+                                  [str(root / "model" / "dcnv2.yaml"), str(root / "data" / f"{dataset}.yaml")],
                                   [f"--model.base_dim={d}", "--model.mode=SE", "--model.scale=1",
                                    f"--data.train_fraction={frac}", f"--seed_everything={seed}"],
                                   {"grid": "data-fraction"}))
             cells.append(Cell(f"{dataset}-frac{frac:g}-dcnv2-me-d40-seed{seed}",
-                              [str(CONFIGS / "model" / "dcnv2.yaml"), str(CONFIGS / "data" / f"{dataset}.yaml")],
+                              [str(root / "model" / "dcnv2.yaml"), str(root / "data" / f"{dataset}.yaml")],
                               ["--model.base_dim=10", "--model.mode=ME", "--model.scale=4",
                                f"--data.train_fraction={frac}", f"--seed_everything={seed}"],
                               {"grid": "data-fraction"}))
@@ -119,9 +139,10 @@ def run_grid(cells: list[Cell], extra: list[str], jobs: int = 1, dry_run: bool =
         for c in todo:
             print(f"  run   {c.name}: recscale {' '.join(c.argv(extra))}")
         return {"total": len(cells), "skipped": len(skipped), "ran": 0, "failed": []}
-    from recscale.tracking import ensure_experiment
+    from recscale.tracking import PARENT_RUN_ENV, ensure_experiment
 
-    ensure_experiment(uri, experiment)  # once, before cells start in parallel
+    exp_id = ensure_experiment(uri, experiment)  # once, before cells start in parallel
+    parent = start_parent_run(uri, exp_id, cells, len(todo), len(skipped))
     logs = Path(log_dir)
     logs.mkdir(parents=True, exist_ok=True)
     slots = list(range(max(1, jobs)))
@@ -130,7 +151,7 @@ def run_grid(cells: list[Cell], extra: list[str], jobs: int = 1, dry_run: bool =
 
     def launch(c: Cell) -> int:
         slot = free.pop(0)
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, PARENT_RUN_ENV: parent}
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
         t = time.perf_counter()
@@ -149,9 +170,36 @@ def run_grid(cells: list[Cell], extra: list[str], jobs: int = 1, dry_run: bool =
             failed.append(c.name)
         return rc
 
-    with ThreadPoolExecutor(max_workers=len(slots)) as pool:
-        list(pool.map(launch, todo))
-    return {"total": len(cells), "skipped": len(skipped), "ran": len(todo), "failed": failed}
+    try:
+        with ThreadPoolExecutor(max_workers=len(slots)) as pool:
+            list(pool.map(launch, todo))
+    finally:
+        end_parent_run(uri, parent, failed)
+    return {"total": len(cells), "skipped": len(skipped), "ran": len(todo), "failed": failed, "parent_run_id": parent}
+
+
+def start_parent_run(uri: str, experiment_id: str, cells: list[Cell], todo: int, skipped: int) -> str:
+    """The grid invocation's MLflow run; cells become its children (tag ``mlflow.parentRunId``, set by `fit` from
+    the environment variable tracking.PARENT_RUN_ENV), so the runs table folds a grid into one row."""
+    from mlflow.tracking import MlflowClient
+
+    grid = cells[0].tags.get("grid", "grid") if cells else "grid"
+    dataset = cells[0].name.split("-", 1)[0] if cells else "data"
+    name = f"grid-{grid}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = MlflowClient(uri).create_run(experiment_id, run_name=name, tags={
+        "grid": grid, "recscale.kind": "grid", "cells": str(len(cells)), "cells_to_run": str(todo),
+        "cells_skipped": str(skipped)})
+    print(f"grid: parent run {name} (id {run.info.run_id})", flush=True)
+    return run.info.run_id
+
+
+def end_parent_run(uri: str, run_id: str, failed: list[str]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    if failed:
+        client.set_tag(run_id, "failed_cells", ", ".join(failed)[:5000])
+    client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experiment", default="recscale")
     ap.add_argument("--tracking-uri", default=None)
     ap.add_argument("--log-dir", default="outputs/grid")
+    ap.add_argument("--configs-dir", default=None,
+                    help="config files to use (default: ./configs if present, else the installed copy)")
     ap.add_argument("--launcher", choices=["local", "slurm"], default="local",
                     help="local: -j cells at once on this machine (default); slurm: one SLURM job array (recscale.slurm)")
     ap.add_argument("--status", action="store_true",
@@ -179,15 +229,17 @@ def main(argv: list[str] | None = None) -> int:
     slurm.add_arguments(ap)
     a, extra = ap.parse_known_args(argv)
     seeds = [int(s) for s in a.seeds.split(",") if s]
+    configs = configs_dir(a.configs_dir)
+    print(f"grid: configs from {configs}", flush=True)
     if a.grid == "icml24":
         models = a.models.split(",") if a.models else ICML_MODELS
         cells = icml24_cells(a.dataset, models, [m.upper() for m in a.modes.split(",") if m],
-                             [int(s) for s in a.scales.split(",") if s], seeds)
+                             [int(s) for s in a.scales.split(",") if s], seeds, configs)
     elif a.grid == "sigir":
-        cells = sigir_cells(a.dataset, a.models.split(",") if a.models else SIGIR_MODELS, seeds)
+        cells = sigir_cells(a.dataset, a.models.split(",") if a.models else SIGIR_MODELS, seeds, configs)
     else:
         cells = data_fraction_cells(a.dataset, [float(f) for f in a.fractions.split(",")],
-                                    [int(d) for d in a.dims.split(",")], seeds)
+                                    [int(d) for d in a.dims.split(",")], seeds, configs)
     missing = sorted({c for cell in cells for c in cell.configs if not Path(c).exists()})
     if missing:
         print(f"recscale grid: error: config file(s) not found: {', '.join(missing)}", file=sys.stderr)

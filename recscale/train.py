@@ -11,8 +11,12 @@ sqlite:///mlruns/mlflow.db`` shows the runs).
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
+import re
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -38,30 +42,55 @@ from recscale.tracking import (
     TrackRun,
     check_server,
     config_hash,
+    default_run_name,
     ensure_experiment,
     resolved_config,
+    run_banner,
+    unique_run_name,
 )
 
 
 class SamplesPerSecond(Callback):
-    """Training throughput in the progress bar (``samples_s``) and per epoch in the logger (``train/samples_per_s``)."""
+    """Training throughput in the progress bar (``samples_s``) and per epoch in the logger (``train/samples_per_s``).
+
+    Only training time counts: the clock stops when validation starts (validation, the diagnostics pass and checkpoint
+    writes happen there) and restarts at the next training batch, so ``train/samples_per_s`` = training rows of the
+    epoch / seconds spent in its training batches (data loading included)."""
+
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self.t0, self.n, self.t_last, self.n_last = time.perf_counter(), 0, time.perf_counter(), 0
+        now = self.clock()
+        self.n, self.seconds, self.t_resume, self.t_last, self.n_last = 0, 0.0, now, now, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.t_resume is None:  # first batch after a validation pause
+            self.t_resume = self.t_last = self.clock()
+            self.n_last = self.n
 
     def on_train_start(self, trainer, pl_module):  # a fit resumed mid-epoch starts without on_train_epoch_start
         self.on_train_epoch_start(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.n += len(batch[1])
-        now = time.perf_counter()
+        now = self.clock()
         if now - self.t_last > 1.0 or batch_idx == 0:
             rate = (self.n - self.n_last) / max(now - self.t_last, 1e-9)
             pl_module.log("samples_s", rate, prog_bar=True, logger=False, on_step=True, on_epoch=False)
             self.t_last, self.n_last = now, self.n
 
+    def _pause(self) -> None:
+        if getattr(self, "t_resume", None) is not None:
+            self.seconds += self.clock() - self.t_resume
+            self.t_resume = None
+
+    def on_validation_start(self, trainer, pl_module):
+        self._pause()  # a no-op outside a training epoch (sanity check, trainer.validate)
+
     def on_train_epoch_end(self, trainer, pl_module):
-        pl_module.log("train/samples_per_s", self.n / max(time.perf_counter() - self.t0, 1e-9), on_epoch=True)
+        self._pause()
+        pl_module.log("train/samples_per_s", self.n / max(self.seconds, 1e-9), on_epoch=True)
 
 
 class TrainingStopped(RuntimeError):
@@ -77,6 +106,9 @@ class RecscaleCLI(LightningCLI):
         parser.add_lightning_class_args(RandomState, "random_state")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="after fit, compute test AUC/logloss with the best checkpoint")
+        parser.add_argument("--keep_local_best", type=bool, default=False,
+                            help="keep the best checkpoint on disk after fit even when it was uploaded to MLflow "
+                                 "(default: only last.ckpt stays local, the best lives in the run)")
         parser.set_defaults({
             "early_stopping.monitor": "val/auc", "early_stopping.mode": "max", "early_stopping.patience": 3,
             "checkpoint.monitor": "val/auc", "checkpoint.mode": "max", "checkpoint.save_top_k": 1,
@@ -124,8 +156,17 @@ class RecscaleCLI(LightningCLI):
             if isinstance(lg, MLFlowLogger) and uri.startswith(("http://", "https://")):
                 check_server(uri)
             if isinstance(lg, MLFlowLogger) and lg._run_id is None and trainer.is_global_zero:
-                ensure_experiment(uri, lg._experiment_name)  # parallel grid cells race to create it otherwise
+                exp_id = ensure_experiment(uri, lg._experiment_name)  # parallel grid cells race to create it otherwise
+                if lg._run_name is None:  # never MLflow's generated name: seed_everything makes those collide
+                    lg._run_name = unique_run_name(uri, exp_id, self._default_run_name())
         return trainer
+
+    def _default_run_name(self) -> str:
+        hp = self.model.hparams
+        spec = self.datamodule.spec if isinstance(self.datamodule, CTRDataModule) else {}
+        return default_run_name(spec.get("dataset", "data"), type(self.model.backbone).__name__, hp.get("mode", "?"),
+                                hp.get("scale", "?"), self.config[self.subcommand].get("seed_everything"),
+                                self.subcommand or "fit")
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
@@ -148,11 +189,38 @@ class RecscaleCLI(LightningCLI):
                 "lower --data.batch_size or the scale, or spread the run over more GPUs (--trainer.strategy ddp)") from e
 
     def after_fit(self):
-        if not self.config[self.subcommand].get("test_after_fit", True):
-            return
         ckpt = self.trainer.checkpoint_callback
-        path = "best" if ckpt is not None and ckpt.best_model_path else None
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=path)
+        if self.config[self.subcommand].get("test_after_fit", True):
+            self._fetch_best_from_mlflow()
+            path = "best" if ckpt is not None and ckpt.best_model_path else None
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=path)
+        if not self.trainer.is_global_zero:
+            return
+        for lg in self.trainer.loggers:
+            if isinstance(lg, RecscaleLogger) and lg.logged_best and not self.config[self.subcommand].get(
+                    "keep_local_best", False) and lg.logged_best != getattr(ckpt, "last_model_path", None):
+                Path(lg.logged_best).unlink(missing_ok=True)  # it is in the MLflow run; last.ckpt stays for resuming
+                print(f"recscale: best checkpoint uploaded to the run; {Path(lg.logged_best).name} removed locally "
+                      "(--keep_local_best true keeps it)", file=sys.stderr)
+            if isinstance(lg, MLFlowLogger) and lg._run_id is not None:
+                print(run_banner(lg._tracking_uri, lg.experiment_id, lg.run_id, lg._run_name), file=sys.stderr)
+
+    def _fetch_best_from_mlflow(self) -> None:
+        """A resumed run whose best checkpoint (from before the resume) lives only in MLflow: fetch it for the test."""
+        ckpt = self.trainer.checkpoint_callback
+        if ckpt is None or not ckpt.best_model_path or Path(ckpt.best_model_path).exists():
+            return
+        best = Path(ckpt.best_model_path)
+        for lg in self.trainer.loggers:
+            if isinstance(lg, MLFlowLogger) and lg._run_id is not None:
+                try:
+                    with tempfile.TemporaryDirectory(dir=best.parent) as tmp:
+                        local = lg.experiment.download_artifacts(lg.run_id, f"{best.stem}/{best.name}", tmp)
+                        Path(local).replace(best)
+                    return
+                except Exception as e:  # mlflow raises its own exception types
+                    print(f"recscale: warning: the best checkpoint {best} is neither on disk nor in run {lg.run_id} "
+                          f"({e.__class__.__name__})", file=sys.stderr)
 
 
 def _cli_kwargs() -> dict:
@@ -163,7 +231,34 @@ def _cli_kwargs() -> dict:
         "deterministic": True,
     }
     return dict(trainer_defaults=trainer_defaults, seed_everything_default=0, save_config_callback=TrackRun,
-                save_config_kwargs={"overwrite": True, "save_to_log_dir": False}, parser_kwargs={"default_env": False})
+                save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
+                parser_kwargs={"default_env": False, "exit_on_error": False})
+
+
+def one_line_error(message: str, subcommand: str = "fit") -> str:
+    """A jsonargparse error as one line naming the option, what it accepts and what it got (its default output is the
+    full usage, then a multi-line message)."""
+    m = re.match(r'Parser key "([^"]+)":\s*(.*)', message, re.S)
+    if not m:
+        return f"recscale {subcommand}: error: {' '.join(message.split())} (recscale {subcommand} --help lists the options)"
+    key, rest = m.group(1), m.group(2)
+    got = re.search(r"(?:Got value|Given value): (.*)", rest)
+    got_s = got.group(1).strip() if got else "?"
+    lit = re.search(r"Literal\[(.*?)\]", rest)
+    if lit:
+        accepted = ", ".join(v.strip().strip("'\"") for v in lit.group(1).split(","))
+        return f"recscale {subcommand}: error: --{key} {got_s}: expected one of {accepted} (case matters)"
+    if key in ("optimizer", "lr_scheduler"):
+        base = torch.optim.Optimizer if key == "optimizer" else torch.optim.lr_scheduler.LRScheduler
+        mod = torch.optim if key == "optimizer" else torch.optim.lr_scheduler
+        names = sorted(n for n in dir(mod) if isinstance(getattr(mod, n), type) and issubclass(getattr(mod, n), base)
+                       and getattr(mod, n) is not base and not n.startswith("_"))
+        return (f"recscale {subcommand}: error: --{key} {got_s}: expected a class of torch.optim"
+                f"{'' if key == 'optimizer' else '.lr_scheduler'} ({', '.join(names)}) or a class_path; "
+                "the default is the model's recipe (Adam, model.lr, model.weight_decay)")
+    typ = re.search(r"Expected a <class '([\w.]+)'>", rest)
+    what = f"expected {typ.group(1)}" if typ else " ".join(rest.split())[:300]
+    return f"recscale {subcommand}: error: --{key} {got_s}: {what}"
 
 
 class _ParseOnly(RecscaleCLI):
@@ -176,16 +271,31 @@ class _ParseOnly(RecscaleCLI):
 
 def parse_fit_config(argv: list[str]):
     """Parse ``recscale fit`` arguments exactly as `fit` does, without instantiating anything: (parser, config)."""
-    cli = _ParseOnly(CTRModel, CTRDataModule, args=argv, **_cli_kwargs())
+    with warnings.catch_warnings():  # argv is not sys.argv here, on purpose
+        warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
+        cli = _ParseOnly(CTRModel, CTRDataModule, args=argv, **_cli_kwargs())
     return cli._parser("fit"), cli.config["fit"]
+
+
+def _quiet_lightning() -> None:
+    """Drop the messages that say nothing about this run: Lightning's product tips, and the optimizer-override
+    warning (recscale prints its own note and tags the run when --optimizer replaces the recipe)."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "💡 Tip" not in r.getMessage())
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # start/stop chatter of the monitor thread
+    warnings.filterwarnings("ignore", message=".*configure_optimizers. will be overridden.*")
 
 
 def cli_main(argv: list[str] | None = None) -> RecscaleCLI | None:
     # our IterableDataset splits work per worker itself (recscale.data.datamodule), so its __len__ is exact
     warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    _quiet_lightning()
+    args = sys.argv[1:] if argv is None else argv
     try:
         return RecscaleCLI(CTRModel, CTRDataModule, args=argv, **_cli_kwargs())
+    except argparse.ArgumentError as e:
+        print(one_line_error(str(e), args[0] if args else "fit"), file=sys.stderr)
+        sys.exit(2)
     except (PrepareError, ConfigError) as e:
         print(f"recscale: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -38,7 +38,8 @@ def runs(store):
 def test_ddp_two_cpu_processes(criteo_dir, tmp_path):
     store = f"sqlite:///{tmp_path / 'm.db'}"
     p = recscale(base_args(criteo_dir) + ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
-                                          "--trainer.max_epochs=2", "--trainer.callbacks+=helpers.StepRecorder"],
+                                          "--trainer.max_epochs=2", "--trainer.callbacks+=helpers.StepRecorder",
+                                          "--keep_local_best=true"],
                  tmp_path, store, timeout=400)
     assert p.returncode == 0, p.stderr[-3000:]
     ranks = [json.loads((tmp_path / "steps" / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -115,8 +115,14 @@ def test_tiny_grid_against_a_real_server(server, sample_data_config, tmp_path):
     res = run_grid(cells, FAST, jobs=2, tracking_uri=server, experiment="tiny", log_dir=str(tmp_path / "logs"))
     assert res["failed"] == [] and res["ran"] == 4, [p.read_text()[-1500:] for p in (tmp_path / "logs").iterdir()]
     client = MlflowClient(server)
-    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    every = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    runs = [r for r in every if r.data.tags.get("recscale.kind") != "grid"]
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    # one parent run for the invocation, the cells its children
+    parent = client.get_run(res["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.info.run_name.startswith("grid-icml24-criteo_sample-")
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {res["parent_run_id"]}
+    assert {r.info.run_name for r in runs} == {c.name for c in cells}
     assert {r.data.tags["config_hash"] for r in runs} == {cell_hash(c, FAST) for c in cells}
     assert all("test/auc" in r.data.metrics and "diag/ia/mean" in r.data.metrics for r in runs)
     assert {r.data.tags["grid"] for r in runs} == {"icml24"}
@@ -144,6 +150,11 @@ def test_a_failed_cell_is_rerun(sample_data_config, tmp_path):
     cell = tiny_grid(sample_data_config)[0]
     bad = run_grid([cell], FAST + ["--model.lr=1e30"], tracking_uri=store, experiment="f", log_dir=str(tmp_path / "l"))
     assert bad["failed"] == [cell.name]
+    client = MlflowClient(store)
+    parent = client.get_run(bad["parent_run_id"])
+    assert parent.info.status == "FAILED" and parent.data.tags["failed_cells"] == cell.name
+    (child,) = [r for r in client.search_runs([parent.info.experiment_id]) if r.info.run_id != parent.info.run_id]
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     again = run_grid([cell], FAST + ["--model.lr=1e30"], tracking_uri=store, experiment="f", log_dir=str(tmp_path / "l"),
                      dry_run=True)
     assert again["skipped"] == 0  # FAILED runs do not count as done

@@ -46,11 +46,12 @@ def analyze(run_id: str | None = None, ckpt: str | None = None, data_dir: str | 
     client = MlflowClient(uri)
     with tempfile.TemporaryDirectory() as tmp:
         if run_id:
+            from recscale.tracking import resolve_run
+
             try:
-                client.get_run(run_id)
-            except Exception as e:  # mlflow raises its own exception types
-                raise PrepareError(f"run {run_id} not found in {uri} ({e.__class__.__name__}): check --run and "
-                                   "MLFLOW_TRACKING_URI") from e
+                run_id = resolve_run(client, run_id)  # a run id or a unique run name
+            except LookupError as e:
+                raise PrepareError(f"{e} in {uri}: check --run and MLFLOW_TRACKING_URI") from e
         path = Path(ckpt) if ckpt else _best_checkpoint(client, run_id, Path(tmp))
         if not path.is_file():
             raise PrepareError(f"checkpoint {path} does not exist (--ckpt)")
