@@ -152,7 +152,7 @@ def main():
     print(f"{torch.get_num_threads()} threads; Criteo tables {sum(dims):,} rows x 39 fields")
     for mode in ("SE", "ME"):
         model = CTRModel(lambda f, d, m: bb.DCNv2(f, d, m), field_dims=dims, mode=mode, scale=10,
-                         embedding_init_std=1.0)
+                         embedding_init="normal", embedding_init_std=1.0)
         t_ours, (ia, _) = timed(lambda: ia_spectra(model), repeat=2)
         line = f"IA + spectra, {mode} 10x: recscale {t_ours:6.2f} s"
         if not a.skip_svd_baseline:

@@ -75,7 +75,9 @@ def _data_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", help="output directory (default: prepared/DATASET_PROTOCOL)")
     pr.add_argument("--protocol", default="icml24", help=f"one of {', '.join(PROTOCOLS)} (default icml24)")
     pr.add_argument("--min-count", type=int, default=None, help="tokens seen fewer times map to OOV (default: protocol's)")
-    pr.add_argument("--seed", type=int, default=0, help="seed of the 8/1/1 split and the training shuffle (default 0)")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the random split and the training shuffle (default 0)")
+    pr.add_argument("--split-ratio", default=None, help="train,valid,test proportions, e.g. 7,2,1 (default: the "
+                    "protocol's: 8,1,1; criteo_x1 7,2,1)")
     pr.add_argument("--shard-rows", type=int, default=1 << 20, help="rows per Parquet shard (default 1048576)")
     pr.add_argument("--row-group-rows", type=int, default=1 << 16, help="rows per row group (default 65536)")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -132,8 +134,16 @@ def run_data_command(argv: list[str]) -> int:
             from recscale.data.prepare import Options, prepare
 
             out = args.output or f"prepared/{args.dataset}_{args.protocol}"
+            split = None
+            if args.split_ratio is not None:
+                try:
+                    split = tuple(int(x) for x in args.split_ratio.split(","))
+                except ValueError:
+                    split = ()
+                if len(split) != 3:
+                    raise PrepareError(f"--split-ratio must be three integers like 7,2,1, got {args.split_ratio!r}")
             opts = Options(dataset=args.dataset, protocol=args.protocol, min_count=args.min_count, seed=args.seed,
-                           shard_rows=args.shard_rows, row_group_rows=args.row_group_rows, strict=args.strict,
+                           split=split, shard_rows=args.shard_rows, row_group_rows=args.row_group_rows, strict=args.strict,
                            progress=not args.no_progress)
             s = prepare(args.input, out, opts, overwrite=args.overwrite)
             rows = s["rows"]

@@ -41,11 +41,13 @@ import pyarrow.parquet as pq
 from recscale import __version__
 from recscale.data.formats import (
     MIN_COUNT,
+    TRAIN_VOCAB_PROTOCOLS,
     PrepareError,
     RawFormat,
     check_dataset_protocol,
     field_names,
     output_schema,
+    split_ratio,
     token_exprs,
 )
 from recscale.data.spec import load_spec
@@ -60,6 +62,7 @@ class Options:
     dataset: str
     protocol: str = "icml24"
     min_count: int | None = None  # None: the protocol's default
+    split: tuple[int, int, int] | None = None  # train/valid/test proportions; None: the protocol's (8/1/1, criteo_x1 7/2/1)
     seed: int = 0
     shard_rows: int = 1 << 20
     row_group_rows: int = 1 << 16
@@ -67,6 +70,9 @@ class Options:
     compression: str = "zstd"
     strict: bool = False
     progress: bool = True
+
+    def resolved_split(self) -> tuple[int, int, int]:
+        return split_ratio(self.protocol) if self.split is None else tuple(self.split)
 
     def resolved_min_count(self) -> int:
         return MIN_COUNT[(self.dataset, self.protocol)] if self.min_count is None else self.min_count
@@ -297,9 +303,11 @@ class _Progress:
         self.bar.close()
 
 
-def _split_labels(n: int, seed: int) -> np.ndarray:
-    """Exact 8/1/1 random split of n data lines (0 train, 1 valid, 2 test), seeded."""
-    n_train, n_valid = (8 * n) // 10, n // 10
+def _split_labels(n: int, seed: int, ratio: tuple[int, int, int] = (8, 1, 1)) -> np.ndarray:
+    """Exact random split of n data lines in the proportions ``ratio`` (0 train, 1 valid, 2 test), seeded:
+    ``floor(r_train n / sum r)`` train and ``floor(r_valid n / sum r)`` valid lines, the rest test."""
+    total = sum(ratio)
+    n_train, n_valid = (ratio[0] * n) // total, (ratio[1] * n) // total
     labels = np.repeat(np.array([0, 1, 2], np.uint8), [n_train, n_valid, n - n_train - n_valid])
     np.random.default_rng(seed).shuffle(labels)
     return labels
@@ -359,7 +367,10 @@ def _prepare_into(src: Path, tmp: Path, fmt: RawFormat, opts: Options) -> dict:
     n_data = n_lines - int(header)
     if n_data <= 0:
         raise PrepareError(f"input file {src} has no data lines")
-    split = _split_labels(n_data, opts.seed)
+    ratio = opts.resolved_split()
+    if len(ratio) != 3 or min(ratio) < 0 or ratio[0] <= 0:
+        raise PrepareError(f"--split-ratio must be three non-negative integers with a positive train part, got {ratio}")
+    split = _split_labels(n_data, opts.seed, ratio)
     n_train_lines = int((split == 0).sum())
     n_buckets = max(1, math.ceil(n_train_lines / opts.bucket_rows))
 
@@ -392,7 +403,7 @@ def _prepare_into(src: Path, tmp: Path, fmt: RawFormat, opts: Options) -> dict:
                 rej.writelines(f"{ln}\t{why}\n" for ln, why in block.rejects)
             pids = block.raw.select(pid_exprs).with_columns(block.raw[fmt.label].cast(pl.Int8).alias("label"))
             s = split[block.lines - 1 - int(header)]
-            counted = np.flatnonzero(s == 0) if opts.protocol == "bars" else None
+            counted = np.flatnonzero(s == 0) if opts.protocol in TRAIN_VOCAB_PROTOCOLS else None
             for j, f in enumerate(fields):
                 ids = pids[f].to_numpy()
                 c = np.bincount(ids if counted is None else ids[counted])
@@ -468,7 +479,7 @@ def _prepare_into(src: Path, tmp: Path, fmt: RawFormat, opts: Options) -> dict:
         "options": {
             "min_count": min_count,
             "seed": opts.seed,
-            "split": [0.8, 0.1, 0.1],
+            "split": [r / sum(ratio) for r in ratio],
             "shard_rows": opts.shard_rows,
             "row_group_rows": opts.row_group_rows,
             "compression": opts.compression,

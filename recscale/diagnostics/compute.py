@@ -136,7 +136,10 @@ class Moments:
 
 
 def field_grams(model, normalize_rows: bool = False) -> tuple[list[Tensor], list[list[Tensor]]]:
-    """Per field: the Gram of the concatenated sets (M*D square) and the per-set Grams (D square), float64."""
+    """Per field: the Gram of the concatenated sets (M*D square) and the per-set Grams (D square), float64.
+
+    The products run where the model lives (GPU: the (|V|, M*D) tables never leave it); the reduced M*D x M*D Grams
+    are returned on the host, where the hundreds of small eigen-solves that follow are cheaper than as GPU calls."""
     emb = model.embedding
     M, D = emb.num_sets, emb.dim
     full, per_set = [], []
@@ -144,12 +147,12 @@ def field_grams(model, normalize_rows: bool = False) -> tuple[list[Tensor], list
         for f in range(len(emb.field_dims)):
             t = emb.table(f).detach().to(torch.float64)
             if not normalize_rows:
-                g = mt.xtx(t)
+                g = mt.xtx(t).cpu()
                 full.append(g)
                 per_set.append([g[m * D:(m + 1) * D, m * D:(m + 1) * D] for m in range(M)])
             else:
-                full.append(mt.gram(t, normalize_rows=True))
-                per_set.append([mt.gram(t[:, m * D:(m + 1) * D], normalize_rows=True) for m in range(M)])
+                full.append(mt.gram(t, normalize_rows=True).cpu())
+                per_set.append([mt.gram(t[:, m * D:(m + 1) * D], normalize_rows=True).cpu() for m in range(M)])
     return full, per_set
 
 
@@ -311,7 +314,7 @@ def compute_report(model, sample: tuple[Tensor, Tensor] | None, opts: Options | 
         # DCNv2: sub-embedding IA (Evidence II, Fig. 3/9) and interaction patterns (Fig. 10b)
         sub_mats = []
         if hasattr(bb, "blocks"):
-            blocks = bb.blocks().detach()  # (S, F, F, D, D)
+            blocks = bb.blocks().detach().cpu()  # (S, F, F, D, D), next to the host Grams
             for m in range(M):
                 sub_mats.append(mt.sub_embedding_ia([per_set[f][m] for f in range(len(dims))],
                                                     blocks[min(m, blocks.shape[0] - 1)]).cpu())
@@ -380,7 +383,7 @@ def compute_report(model, sample: tuple[Tensor, Tensor] | None, opts: Options | 
                 rep.figures["sub_embedding_ia"] = plots.sub_ia(sub_mats[0].numpy(), ia_set[0], cf[0], M, t)
             if hasattr(bb, "blocks") and M > 1:
                 rep.figures["interaction_patterns"] = plots.patterns(
-                    mt.interaction_pattern(bb.blocks().detach()).cpu().numpy(), t)
+                    mt.interaction_pattern(bb.blocks().detach().cpu()).numpy(), t)
             if "diversity" in rep.tables:
                 key = "diversity" if M > 1 else "diversity_se_split"
                 rep.figures["diversity"] = plots.diversity([r[key] for r in rep.tables["diversity"]],
