@@ -97,7 +97,7 @@ def test_diagnostics_on_cuda_equal_cpu_float64(criteo_dir):
                      embedding_init_std=0.1)
     x, y = sample_split(dm.units("valid"), dm.fields, 1000)
     sample = (torch.from_numpy(x), torch.from_numpy(y))
-    opts = Options(figures=False)
+    opts = Options(figures=False, gradient_mode="eval")  # train mode draws dropout masks from each device's own RNG
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -106,5 +106,6 @@ def test_diagnostics_on_cuda_equal_cpu_float64(criteo_dir):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
     assert cpu.keys() == gpu.keys() and "rankme/gradients" in cpu and "sub_ia/correlation_factor" in cpu
-    bad = {k: (cpu[k], gpu[k]) for k in cpu if not abs(cpu[k] - gpu[k]) <= 1e-6 * max(abs(cpu[k]), abs(gpu[k]), 1e-12)}
+    bad = {k: (cpu[k], gpu[k]) for k in cpu if not k.startswith("seconds")  # timings differ, of course
+           and not abs(cpu[k] - gpu[k]) <= 1e-6 * max(abs(cpu[k]), abs(gpu[k]), 1e-12)}
     assert not bad, bad

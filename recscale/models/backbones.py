@@ -50,6 +50,11 @@ class ConfigError(ValueError):
     """A model option that cannot work with the data or scale; raised before training starts."""
 
 
+def _as_fields(xs: list[Tensor], num_fields: int) -> list[Tensor]:
+    """Cross-layer outputs (M, B, F*D) as field embeddings (M, B, F, D) (contract C1 of ``layer_outputs``)."""
+    return [x.unflatten(-1, (num_fields, -1)) for x in xs]
+
+
 class DNN(nn.Module):
     """``logit = Tower(concat(e_1, ..., e_F))`` (ICML 2024 Table 1; the interaction is the concatenation)."""
 
@@ -176,6 +181,10 @@ class DCNv2(nn.Module):
             total = total + (gram - target).pow(2).sum()
         return self.orth_reg * total
 
+    def layer_outputs(self, e: Tensor) -> list[Tensor]:
+        """Cross-layer outputs ``x_1..x_L`` as field embeddings (M, B, F, D); ``x_L`` is what the tower reads."""
+        return _as_fields(self.cross.layer_outputs(flatten(e)), self.num_fields)
+
     def forward(self, e: Tensor) -> Tensor:
         return self.tower(self.cross(flatten(e)))
 
@@ -190,6 +199,10 @@ class XDeepFM(nn.Module):
         self.cin = CIN(1 if shared_interaction else num_sets, num_fields, cin_layers)
         self.cin_out = nn.Linear(sum(cin_layers), 1)
         self.tower = Tower(num_sets, num_fields * dim, hidden, dropout)
+
+    def layer_outputs(self, e: Tensor) -> list[Tensor]:
+        """CIN feature maps ``X^1..X^L``, each (M, B, H_l, D) (the forward pass sum-pools them over D)."""
+        return self.cin.layer_outputs(e)
 
     def forward(self, e: Tensor) -> Tensor:
         return self.cin_out(self.cin(e).mean(0)).squeeze(-1) + self.tower(flatten(e))
@@ -309,6 +322,11 @@ class CrossNet(nn.Module):
         sets = 1 if shared_interaction else num_sets
         self.cross = CrossNetwork(sets, num_fields * dim, cross_layers, init=cross_init)
         self.out = SetLinear(sets, num_fields * dim, 1)
+        self.num_fields = num_fields
+
+    def layer_outputs(self, e: Tensor) -> list[Tensor]:
+        """Cross-layer outputs ``x_1..x_L`` as field embeddings (M, B, F, D); ``x_L`` is what the output layer reads."""
+        return _as_fields(self.cross.layer_outputs(flatten(e)), self.num_fields)
 
     def forward(self, e: Tensor) -> Tensor:
         return self.out(self.cross(flatten(e))).mean(0).squeeze(-1)
@@ -325,6 +343,11 @@ class CrossNetParallel(nn.Module):
         self.cross = CrossNetwork(1 if shared_interaction else num_sets, num_fields * dim, cross_layers, init=cross_init)
         self.dnn = Tower(num_sets, num_fields * dim, hidden, dropout, output=False, batch_norm=batch_norm)
         self.out = nn.Linear(num_fields * dim + hidden[-1], 1)
+        self.num_fields = num_fields
+
+    def layer_outputs(self, e: Tensor) -> list[Tensor]:
+        """Cross-layer outputs ``x_1..x_L`` as field embeddings (M, B, F, D); ``x_L`` is the cross half of the output."""
+        return _as_fields(self.cross.layer_outputs(flatten(e)), self.num_fields)
 
     def forward(self, e: Tensor) -> Tensor:
         x0 = flatten(e)

@@ -322,12 +322,18 @@ class CrossNetwork(nn.Module):
         elif init != "linear":
             raise ValueError(f"cross init must be 'xavier_uniform' or 'linear', got {init!r}")
 
+    def layer_outputs(self, x0: Tensor) -> list[Tensor]:
+        """``[x_1, ..., x_L]``, each (M, B, F*D): the textbook path of ``forward`` (the fused path computes the same
+        formula in one Function and keeps only ``x_L``)."""
+        x, out = x0, []
+        for lin in self.layers:
+            x = x0 * lin(x) + x
+            out.append(x)
+        return out
+
     def forward(self, x0: Tensor) -> Tensor:
         if self.naive or x0.dim() != 3 or self.layers[0].weight.shape[0] != x0.shape[0]:
-            x = x0
-            for lin in self.layers:
-                x = x0 * lin(x) + x
-            return x
+            return self.layer_outputs(x0)[-1]
         wb = [t for lin in self.layers for t in (lin.weight, lin.bias)]
         return _FUSED_CROSS.get(x0.device.type, _FusedCross).apply(x0, *wb)
 
@@ -350,12 +356,17 @@ class CIN(nn.Module):
         # weight row h * F + f multiplies X^{k-1}_h * X^0_f
         self.convs = nn.ModuleList(SetLinear(sets, dims[k] * num_fields, dims[k + 1]) for k in range(len(layers)))
 
+    def layer_outputs(self, e: Tensor) -> list[Tensor]:
+        """The feature maps ``X^1, ..., X^L`` of the CIN layers, each (M, B, H_k, D) (``forward`` sum-pools them)."""
+        return list(self._forward_outer(e) if self.naive else self._maps(e))
+
     def forward(self, e: Tensor) -> Tensor:
-        if self.naive:
-            return self._forward_outer(e)
+        return torch.cat([x.sum(-1) for x in self.layer_outputs(e)], -1)
+
+    def _maps(self, e: Tensor):
         M, B, F, D = e.shape
         e0 = e.transpose(2, 3).reshape(M, B * D, F)  # (M, B*D, F)
-        x, pooled = e, []
+        x = e
         for conv in self.convs:
             S, HF, K = conv.weight.shape
             H = HF // F
@@ -363,17 +374,15 @@ class CIN(nn.Module):
             A = torch.matmul(e0, W).view(M, B, D, H, K)  # sum_f X^0_f W[h, f, k]
             out = (x.transpose(2, 3).unsqueeze(-1) * A).sum(-2) + conv.bias.view(S, 1, 1, K)  # (M, B, D, K)
             x = torch.relu(out).transpose(2, 3)  # (M, B, K, D)
-            pooled.append(x.sum(-1))
-        return torch.cat(pooled, -1)
+            yield x
 
-    def _forward_outer(self, e: Tensor) -> Tensor:
+    def _forward_outer(self, e: Tensor):
         M, B, F, D = e.shape
-        x, pooled = e, []
+        x = e
         for conv in self.convs:
             z = (x.unsqueeze(3) * e.unsqueeze(2)).reshape(M, B, -1, D)  # (M, B, H*F, D) outer products
             x = torch.relu(conv(z.transpose(2, 3)).transpose(2, 3))  # 1x1 conv over the H*F channels -> (M, B, H', D)
-            pooled.append(x.sum(-1))
-        return torch.cat(pooled, -1)
+            yield x
 
 
 class SetLayerNorm(nn.Module):
