@@ -13,6 +13,9 @@
 * The whole callback pass (IA, spectra, diversity, DCNv2 sub-embedding IA, RankMe of embeddings and gradients on
   50,000 rows, figures) as a fraction of one training epoch on the same data (DCNv2 ME 10x, 36.7M training rows,
   samples/s measured here).
+* `--layers`: the per-layer diagnostics (issue 11: IA and RankMe of every cross layer's output) at DCNv2 depth 8, SE 1x
+  and ME 10x, Criteo table sizes, 50,000-row sample: the whole pass with and without them, rounds alternating, and
+  the ratio (target: the per-layer part adds <= 10 %).
 Targets (issue 4, 2 CPU cores): IA + spectra <= 5 s; each RankMe <= 2 s.
 """
 
@@ -103,12 +106,44 @@ def precision_study(n):
         del z
 
 
+def layers_study(n: int, rounds: int, only: str | None = None) -> None:
+    """Pass time with and without the per-layer part, DCNv2 depth 8, alternating rounds, best of `rounds` each."""
+    dims = criteo_reference_dims()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.stack([torch.randint(0, d, (n,), generator=g) for d in dims], 1).int()
+    y = torch.randint(0, 2, (n,), generator=g).float()
+    for mode, scale in [ms for ms in (("SE", 1), ("ME", 10)) if only in (None, ms[0])]:
+        torch.manual_seed(0)
+        model = CTRModel(lambda f, d, m: bb.DCNv2(f, d, m, cross_layers=8), field_dims=dims, mode=mode, scale=scale)
+        best = {True: float("inf"), False: float("inf")}
+        parts = {}
+        for _ in range(rounds):
+            for with_layers in (False, True):
+                t, rep = timed(lambda: compute_report(model, (ids, y), Options(layers=with_layers)))
+                best[with_layers] = min(best[with_layers], t)
+                if with_layers:
+                    parts = {k.split("/")[1]: v for k, v in rep.metrics.items() if k.startswith("seconds/")}
+        split = ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
+        share = parts["layers"] / (sum(parts.values()) - parts["layers"])
+        print(f"DCNv2 depth 8 {mode} {scale}x, {n:,}-row sample ({Options().layer_rows:,} for layers): pass without "
+              f"layers {best[False]:.1f} s | with layers {best[True]:.1f} s | ratio x{best[True] / best[False]:.3f} | "
+              f"layers part / rest of the same pass {share:.3f} (parts, s: {split})", flush=True)
+        del model
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-svd-baseline", action="store_true")
     ap.add_argument("--sample-rows", type=int, default=50_000)
     ap.add_argument("--precision-study", action="store_true", help="only the cheaper-Gram accuracy study")
+    ap.add_argument("--layers", action="store_true", help="only the per-layer diagnostics cost at depth 8")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--only", choices=["SE", "ME"], help="--layers: only this mode")
     a = ap.parse_args()
+    if a.layers:
+        print(f"{torch.get_num_threads()} threads", flush=True)
+        layers_study(a.sample_rows, a.rounds, a.only)
+        return
     if a.precision_study:
         precision_study(a.sample_rows)
         return
@@ -117,7 +152,7 @@ def main():
     print(f"{torch.get_num_threads()} threads; Criteo tables {sum(dims):,} rows x 39 fields")
     for mode in ("SE", "ME"):
         model = CTRModel(lambda f, d, m: bb.DCNv2(f, d, m), field_dims=dims, mode=mode, scale=10,
-                         embedding_init_std=1.0)
+                         embedding_init="normal", embedding_init_std=1.0)
         t_ours, (ia, _) = timed(lambda: ia_spectra(model), repeat=2)
         line = f"IA + spectra, {mode} 10x: recscale {t_ours:6.2f} s"
         if not a.skip_svd_baseline:

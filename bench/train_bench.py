@@ -2,6 +2,7 @@
 
     python bench/train_bench.py [--models DNN,IPNN,NFwFM,XDeepFM,DCNv2,FinalMLP] [--steps 8] [--device cpu|cuda]
     python bench/train_bench.py --profile DCNv2 --mode ME --scale 10      # where one step's time goes
+    python bench/train_bench.py --device cuda --cells SE1,ME10 --json out.json   # on a GPU (bench/gpu_check.sh)
 
 Embedding tables have the Criteo icml24 sizes (39 fields, 1,086,810 rows). For every model at 1x, SE 10x and ME 10x:
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import statistics
 import time
 
@@ -202,6 +204,7 @@ def main():
     ap.add_argument("--scale", type=int, default=10)
     ap.add_argument("--cells", default="SE1,SE10,ME10", help="cells to run, e.g. ME10")
     ap.add_argument("--rounds", type=int, default=1, help="alternate the contenders this many times; report medians")
+    ap.add_argument("--json", default=None, help="also write the rows to this JSON file (bench/gpu_check.sh)")
     ap.add_argument("--baseline-fused", action="store_true",
                     help="give the baseline the fused Adam too (checks that the remaining loss difference is rounding)")
     a = ap.parse_args()
@@ -216,17 +219,23 @@ def main():
           f"{a.batch_size}, {a.steps} timed steps after 2 warm-up steps, median of {a.rounds} alternating round(s); "
           "samples/s")
     print(f"{'model':<9} {'cell':<7} {'recscale':>10} {'baseline':>10} {'ratio':>6} {'max |loss diff|':>16}")
+    rows = []
     for name in a.models.split(","):
         cls = getattr(bb, "XDeepFM" if name == "xDeepFM" else name)
         for cell in a.cells.split(","):
             mode, scale = cell[:2], int(cell[2:])
             r = bench_one(cls, mode, scale, dims, a.steps, a.batch_size, device, baseline_fused=a.baseline_fused,
                           rounds=a.rounds)
+            rows.append({"model": name, "mode": mode, "scale": scale, "device": str(device),
+                         "batch_size": a.batch_size, **r})
             if "baseline" in r:
                 print(f"{name:<9} {mode} {scale:>2}x {r['recscale']:>10,.0f} {r['baseline']:>10,.0f} "
                       f"{r['recscale'] / r['baseline']:>6.2f} {r['max_loss_diff']:>16.2e}", flush=True)
             else:
                 print(f"{name:<9} {mode} {scale:>2}x {r['recscale']:>10,.0f} {'':>10} {'':>6} {'':>16}", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

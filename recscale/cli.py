@@ -29,6 +29,8 @@ COMMANDS: dict[str, str] = {
     "grid": "run a paper grid (icml24, sigir, data-fraction) as fit cells",
     "report": "paper tables and figures from finished runs vs published ones",
 }
+MAX_REJECT_FRACTION = 0.05  # = recscale.data.prepare.MAX_REJECT_FRACTION (not imported: keeps `recscale --help` fast)
+ENCODE_SPLITS = ("test", "8/1/1")  # = recscale.data.prepare.ENCODE_SPLITS
 DATA_COMMANDS = ("prepare", "encode", "synth", "inspect", "toy", "analyze")
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -75,18 +77,28 @@ def _data_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", help="output directory (default: prepared/DATASET_PROTOCOL)")
     pr.add_argument("--protocol", default="icml24", help=f"one of {', '.join(PROTOCOLS)} (default icml24)")
     pr.add_argument("--min-count", type=int, default=None, help="tokens seen fewer times map to OOV (default: protocol's)")
-    pr.add_argument("--seed", type=int, default=0, help="seed of the 8/1/1 split and the training shuffle (default 0)")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the random split and the training shuffle (default 0)")
+    pr.add_argument("--split-ratio", default=None, help="train,valid,test proportions, e.g. 7,2,1 (default: the "
+                    "protocol's: 8,1,1; criteo_x1 7,2,1)")
     pr.add_argument("--shard-rows", type=int, default=1 << 20, help="rows per Parquet shard (default 1048576)")
     pr.add_argument("--row-group-rows", type=int, default=1 << 16, help="rows per row group (default 65536)")
-    pr.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    pr.add_argument("--overwrite", action="store_true",
+                    help="replace an existing output directory (only one that recscale wrote: it has spec.json)")
     pr.add_argument("--strict", action="store_true", help="stop at the first bad line instead of rejecting it")
+    pr.add_argument("--max-reject-fraction", type=float, default=MAX_REJECT_FRACTION,
+                    help=f"fail when more than this fraction of lines is rejected (default {MAX_REJECT_FRACTION})")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     en = sub.add_parser("encode", help=COMMANDS["encode"])
     en.add_argument("--data", required=True, help="prepared directory whose vocab/ to use")
     en.add_argument("--input", required=True, help="raw file in the same format")
-    en.add_argument("--output", required=True, help="output directory")
-    en.add_argument("--overwrite", action="store_true")
+    en.add_argument("--output", required=True, help="output directory (a dataset with its own spec.json)")
+    en.add_argument("--split", default="test", choices=ENCODE_SPLITS,
+                    help="test: every row in the test split, in file order (default); 8/1/1: prepare's seeded split")
+    en.add_argument("--overwrite", action="store_true",
+                    help="replace an existing output directory (only one that recscale wrote: it has spec.json)")
+    en.add_argument("--max-reject-fraction", type=float, default=MAX_REJECT_FRACTION,
+                    help=f"fail when more than this fraction of lines is rejected (default {MAX_REJECT_FRACTION})")
     en.add_argument("--no-progress", action="store_true")
 
     sy = sub.add_parser("synth", help=COMMANDS["synth"])
@@ -132,9 +144,18 @@ def run_data_command(argv: list[str]) -> int:
             from recscale.data.prepare import Options, prepare
 
             out = args.output or f"prepared/{args.dataset}_{args.protocol}"
+            split = None
+            if args.split_ratio is not None:
+                try:
+                    split = tuple(int(x) for x in args.split_ratio.split(","))
+                except ValueError:
+                    split = ()
+                if len(split) != 3:
+                    raise PrepareError(f"--split-ratio must be three integers like 7,2,1, got {args.split_ratio!r}")
             opts = Options(dataset=args.dataset, protocol=args.protocol, min_count=args.min_count, seed=args.seed,
-                           shard_rows=args.shard_rows, row_group_rows=args.row_group_rows, strict=args.strict,
-                           progress=not args.no_progress)
+                           split=split, shard_rows=args.shard_rows, row_group_rows=args.row_group_rows,
+                           strict=args.strict, progress=not args.no_progress,
+                           max_reject_fraction=args.max_reject_fraction)
             s = prepare(args.input, out, opts, overwrite=args.overwrite)
             rows = s["rows"]
             print(f"prepared {args.dataset} ({args.protocol}) in {s['seconds']} s -> {s['output']}\n"
@@ -142,10 +163,16 @@ def run_data_command(argv: list[str]) -> int:
                   f"  rejected {s['rejected']:,}" + (f" (see {out}/rejected.tsv)" if s["rejected"] else "") +
                   f"\n  vocabulary: {s['total_vocabulary']:,} ids over {len(s['vocabulary'])} fields: "
                   + ", ".join(f"{k}={v}" for k, v in s["vocabulary"].items()))
+            if "warning" in s:
+                print(f"recscale prepare: warning: {s['warning']}", file=sys.stderr)
         elif args.command == "encode":
             from recscale.data.prepare import encode_file
 
-            _print_summary(encode_file(args.input, args.data, args.output, args.overwrite, not args.no_progress))
+            s = encode_file(args.input, args.data, args.output, args.overwrite, not args.no_progress, args.split,
+                            args.max_reject_fraction)
+            _print_summary(s)
+            if "warning" in s:
+                print(f"recscale encode: warning: {s['warning']}", file=sys.stderr)
         elif args.command == "synth":
             from recscale.data.synth import synth
 

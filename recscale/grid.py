@@ -73,12 +73,42 @@ def icml24_cells(dataset, models, modes, scales, seeds, configs: Path | None = N
     return cells
 
 
+# SIGIR 2026 recipe (Sec. 2.3: "the optimal configurations recommended by FuxiCTR"): data protocol per dataset and the
+# per-model DNN settings of the FuxiCTR / BARS Criteo_x1 and Avazu_x4 configurations; the shared keys (batch size,
+# embedding L2 and init, patience) are in configs/recipe/sigir26_<dataset>.yaml.
+SIGIR26_DATA = {"criteo": "criteo_x1", "avazu": "avazu_x4"}
+SIGIR26_BACKBONE: dict[tuple[str, str], dict] = {
+    # Criteo_x1: FM family without dropout or BN; DCNv2 (stacked 400 x 3, parallel 500 x 3) dropout 0.1, no BN
+    ("criteo", "fm_pdnn"): {"hidden": [400, 400, 400], "dropout": 0.0, "batch_norm": False},
+    ("criteo", "fm_sdnn"): {"hidden": [400, 400, 400], "dropout": 0.0, "batch_norm": False},
+    ("criteo", "crossnet_pdnn"): {"hidden": [500, 500, 500], "dropout": 0.1, "batch_norm": False},
+    ("criteo", "crossnet_sdnn"): {"hidden": [400, 400, 400], "dropout": 0.1, "batch_norm": False},
+    # Avazu_x4: p-DNN 4 x 2000, s-DNN 3 x 400 (SIGIR Sec. 2.3); no dropout, no BN
+    ("avazu", "fm_pdnn"): {"hidden": [2000, 2000, 2000, 2000], "dropout": 0.0, "batch_norm": False},
+    ("avazu", "fm_sdnn"): {"hidden": [400, 400, 400], "dropout": 0.0, "batch_norm": False},
+    ("avazu", "crossnet_pdnn"): {"hidden": [2000, 2000, 2000, 2000], "dropout": 0.0, "batch_norm": False},
+    ("avazu", "crossnet_sdnn"): {"hidden": [400, 400, 400], "dropout": 0.0, "batch_norm": False},
+}
+
+
+def sigir26_backbone_overrides(dataset: str, model: str) -> list[str]:
+    """``--model.backbone.init_args.*`` overrides of the SIGIR 2026 recipe for one model on one dataset."""
+    kind = "avazu" if dataset.startswith("avazu") else "criteo"
+    return [f"--model.backbone.init_args.{k}={json.dumps(v, separators=(',', ':'))}"
+            for k, v in SIGIR26_BACKBONE.get((kind, model), {}).items()]
+
+
 def sigir_cells(dataset, models, seeds, configs: Path | None = None) -> list[Cell]:
+    """SIGIR 2026 Table 1 with its recipe: model config, configs/recipe/sigir26_<criteo|avazu>.yaml, then the data
+    config (criteo -> criteo_x1, avazu -> avazu_x4; any other name, e.g. criteo_sample, is taken as is)."""
     root = configs or CONFIGS
+    kind = "avazu" if dataset.startswith("avazu") else "criteo"
+    data = SIGIR26_DATA.get(dataset, dataset)
     return [Cell(f"{dataset}-{m}-seed{seed}", [str(root / "model" / f"{m}.yaml"),
-                                               str(root / "data" / f"{dataset}.yaml")],
-                 [f"--seed_everything={seed}"] + (["--model.base_dim=16"] if dataset == "avazu" else []),
-                 {"grid": "sigir"})
+                                               str(root / "recipe" / f"sigir26_{kind}.yaml"),
+                                               str(root / "data" / f"{data}.yaml")],
+                 [f"--seed_everything={seed}", *sigir26_backbone_overrides(dataset, m)],
+                 {"grid": "sigir", "recipe": "sigir26"})
             for m in models for seed in seeds]
 
 

@@ -150,6 +150,50 @@ class TrackingUnavailable(ConfigError):
     """The MLflow tracking server cannot be reached when a run starts."""
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///PATH`` tracking URI (None for other stores)."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def open_sqlite_store(uri: str) -> None:
+    """Check that a SQLite store can be written and create its schema, safely under concurrency.
+
+    An unwritable path fails at once with its name (MLflow would retry for minutes and never name it). Schema creation
+    is serialised by an exclusive ``flock`` on ``PATH.lock``: several fits started together on a new store otherwise
+    race in MLflow's table creation and migrations (``table ... already exists``) and lose a run. MLflow caches the
+    store per process, so later clients in this process reuse it."""
+    db = sqlite_path(uri)
+    if db is None:
+        return
+    fix = "choose a writable place with MLFLOW_TRACKING_URI=sqlite:////ABSOLUTE/PATH.db (or unset it for ./mlruns)"
+    parent = db.parent
+    if parent.exists() and not parent.is_dir():
+        raise TrackingUnavailable(f"cannot create the MLflow store {db}: {parent} is a file, not a directory: {fix}")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrackingUnavailable(f"cannot create the directory {parent} of the MLflow store {db} ({e.strerror}): "
+                                  f"{fix}") from e
+    if db.is_dir():
+        raise TrackingUnavailable(f"the MLflow store {db} is a directory, not a SQLite file: {fix}")
+    if not os.access(parent, os.W_OK | os.X_OK) or (db.exists() and not os.access(db, os.R_OK | os.W_OK)):
+        what = f"{db} is not writable" if db.exists() and os.access(parent, os.W_OK) else f"{parent} is not writable"
+        raise TrackingUnavailable(f"cannot write the MLflow store {db}: {what}: {fix}")
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    with open(parent / f"{db.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)  # creates or upgrades the schema
+        except Exception as e:
+            raise TrackingUnavailable(f"cannot open the MLflow store {db} ({e.__class__.__name__}: "
+                                      f"{str(e).splitlines()[0] if str(e) else ''}): {fix}") from e
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def check_server(uri: str, timeout: float = 5.0) -> None:
     import urllib.error
     import urllib.request
@@ -186,6 +230,7 @@ class RecscaleLogger(MLFlowLogger):
                  log_model_weights_only: bool = True, log_system_metrics: bool = True,
                  system_metrics_seconds: float = 10.0):
         uri = tracking_uri or default_tracking_uri()
+        open_sqlite_store(uri)  # before MLFlowLogger creates its client: fast error, no schema race
         if uri.startswith(("http://", "https://")):
             for var, val in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10"),
                              ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")):

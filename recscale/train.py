@@ -24,13 +24,21 @@ from pathlib import Path
 import torch
 from jsonargparse import lazy_instance
 from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from recscale.checkpointing import RUN_FILE, AtomicCheckpointIO, RandomState
+from recscale.checkpointing import (
+    RUN_FILE,
+    AtomicCheckpointIO,
+    CheckpointWriteError,
+    ConfiguredOptimizer,
+    EpochCheckpoint,
+    RandomState,
+    config_changes,
+)
 from recscale.data.datamodule import CTRDataModule
 from recscale.data.formats import PrepareError
 from recscale.diagnostics.callback import CollapseDiagnostics
@@ -101,7 +109,7 @@ class RecscaleCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("data.field_dims", "model.field_dims", apply_on="instantiate")
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(EpochCheckpoint, "checkpoint")  # last.ckpt after every epoch
         parser.add_lightning_class_args(CollapseDiagnostics, "diagnostics")
         parser.add_lightning_class_args(RandomState, "random_state")
         parser.add_argument("--test_after_fit", type=bool, default=True,
@@ -124,6 +132,9 @@ class RecscaleCLI(LightningCLI):
             if cb.dirpath is None:
                 cb.dirpath = str(root)
         ckpt = self.config[self.subcommand].get("ckpt_path")
+        if ckpt and ckpt not in ("last", "best", "hpc", "registry") and Path(ckpt).is_file() \
+                and Path(ckpt).resolve().parent != root.resolve():
+            self._continue_from(Path(ckpt), root)
         run_file = root / RUN_FILE
         if ckpt and run_file.exists() and (ckpt == "last" or Path(ckpt).resolve().parent == root.resolve()):
             run_id = json.loads(run_file.read_text())["run_id"]
@@ -131,6 +142,32 @@ class RecscaleCLI(LightningCLI):
                 if isinstance(lg, MLFlowLogger) and lg._run_id is None:
                     lg._run_id = run_id
                     print(f"recscale: resuming MLflow run {run_id} from {ckpt}", file=sys.stderr)
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI overwrites the model config with the hyperparameters saved in ``--ckpt_path``, so a fit that
+        continues with a lower ``--model.lr`` silently got the old one back. In ``fit`` the command's config wins (the
+        differences are printed and recorded by `_continue_from`); validate/test/predict keep Lightning's behaviour."""
+        if self.config.get("subcommand") != "fit":
+            super()._parse_ckpt_path()
+
+    def _continue_from(self, ckpt: Path, root: Path) -> None:
+        """Continue training from a checkpoint of another config (e.g. after the NaN stop, with a lower lr): a new
+        MLflow run that says which run and checkpoint it continues and what changed (tags ``resumed_from_run``,
+        ``resumed_from_checkpoint``, ``config_changes``), with the new config's optimizer settings in effect."""
+        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+        changes = config_changes(state, dict(self.model.hparams), dict(self.datamodule.hparams))
+        old_run_file = ckpt.parent / RUN_FILE
+        old_run = json.loads(old_run_file.read_text())["run_id"] if old_run_file.exists() else "unknown"
+        text = "; ".join(f"{k}: {a} -> {b}" for k, a, b in ((k, *v) for k, v in changes.items())) or "none"
+        print(f"recscale: continuing from checkpoint {ckpt} (epoch {state.get('epoch')}, global step "
+              f"{state.get('global_step')}) of MLflow run {old_run} in a new run (checkpoints in {root}); "
+              f"model/data changes: {text}", file=sys.stderr)
+        tags = {"resumed_from_run": old_run, "resumed_from_checkpoint": str(ckpt.resolve()),
+                "resumed_from_config_hash": ckpt.parent.name, "config_changes": text[:5000]}
+        for lg in self.trainer.loggers:
+            if isinstance(lg, MLFlowLogger) and lg._run_id is None:
+                lg.tags = {**(lg.tags or {}), **tags}
+        self.trainer.callbacks.append(ConfiguredOptimizer())
 
     def instantiate_trainer(self, **kwargs):
         """Atomic checkpoint writes unless the config brings its own CheckpointIO, SIGTERM/SIGUSR1 handling
@@ -177,9 +214,16 @@ class RecscaleCLI(LightningCLI):
         except FloatingPointError as e:
             ck = self.trainer.checkpoint_callback
             last = (ck.last_model_path or ck.best_model_path) if ck is not None else ""
-            raise TrainingStopped(
-                f"{e}. Training stopped; the last good checkpoint is {last or 'none (no epoch had finished)'}. "
-                "Fix the cause (e.g. a lower --model.lr) and resume with --ckpt_path last.") from e
+            if last:
+                advice = (f"the last good checkpoint is {Path(last).resolve()}. Fix the cause (e.g. a lower "
+                          f"--model.lr) and continue from it with --ckpt_path {Path(last).resolve()} (a changed config "
+                          "trains on in a new MLflow run that records the checkpoint, the old run and the changes)")
+            else:
+                advice = ("no epoch had finished, so there is no checkpoint to resume. Fix the cause (e.g. a lower "
+                          "--model.lr) and start again")
+            raise TrainingStopped(f"{e}. Training stopped; {advice}.") from e
+        except CheckpointWriteError as e:
+            raise TrainingStopped(str(e)) from e
         except torch.cuda.OutOfMemoryError as e:
             hp, dm = self.model.hparams, self.datamodule
             counts = self.model.parameter_counts()
@@ -277,6 +321,17 @@ def parse_fit_config(argv: list[str]):
     return cli._parser("fit"), cli.config["fit"]
 
 
+def _user_error(e: BaseException) -> BaseException | None:
+    """A user-facing error (PrepareError, ConfigError) among the causes/contexts of `e`, if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (PrepareError, ConfigError)):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _quiet_lightning() -> None:
     """Drop the messages that say nothing about this run: Lightning's product tips, and the optimizer-override
     warning (recscale prints its own note and tags the run when --optimizer replaces the recipe)."""
@@ -298,6 +353,12 @@ def cli_main(argv: list[str] | None = None) -> RecscaleCLI | None:
         sys.exit(2)
     except (PrepareError, ConfigError) as e:
         print(f"recscale: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except ValueError as e:  # jsonargparse wraps errors raised while instantiating a Union-typed argument (logger)
+        inner = _user_error(e)
+        if inner is None:
+            raise
+        print(f"recscale: error: {inner}", file=sys.stderr)
         sys.exit(2)
     except TrainingStopped as e:
         print(f"recscale: error: {e}", file=sys.stderr)

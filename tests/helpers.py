@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import Callback
 
 
@@ -23,6 +25,30 @@ class StepRecorder(Callback):
         (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
             {"global_step": trainer.global_step, "batches": self.batches, "rows": self.rows,
              "world": trainer.world_size}))
+
+
+class Faults(Callback):
+    """At the start of training batch "EPOCH:BATCH": SIGKILLs its own process ($RECSCALE_KILL_AT) or sets the model's
+    parameters to NaN ($RECSCALE_NAN_AT); unset: never. Records the first batch a (resumed) fit trains, and the
+    optimizer's learning rate then, in $RECSCALE_TEST_OUT/start.json."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not getattr(self, "_recorded", False):
+            self._recorded = True
+            out = Path(os.environ["RECSCALE_TEST_OUT"])
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "start.json").write_text(json.dumps({"epoch": trainer.current_epoch, "batch": batch_idx,
+                                                        "global_step": trainer.global_step,
+                                                        "lr": trainer.optimizers[0].param_groups[0]["lr"]}))
+        here = (trainer.current_epoch, batch_idx)
+        at = os.environ.get("RECSCALE_KILL_AT")
+        if at and here == tuple(int(v) for v in at.split(":")):
+            os.kill(os.getpid(), signal.SIGKILL)
+        at = os.environ.get("RECSCALE_NAN_AT")
+        if at and here == tuple(int(v) for v in at.split(":")):
+            with torch.no_grad():
+                for p in pl_module.parameters():
+                    p.fill_(float("nan"))
 
 
 class SignalAt(Callback):

@@ -184,7 +184,7 @@ def test_schema_mismatch(tmp_path, criteo_dir, avazu_dir):
 
 
 def test_bad_options(criteo_dir):
-    with pytest.raises(ValueError, match="data.batch_size"):
+    with pytest.raises(ValueError, match="--data.batch_size"):
         CTRDataModule(str(criteo_dir), batch_size=0)
     with pytest.raises(ValueError, match="data.train_fraction"):
         CTRDataModule(str(criteo_dir), train_fraction=0)

@@ -1,23 +1,26 @@
 """DDP on CPU processes (gloo), resume after SIGKILL, non-finite loss, and kills during checkpoint saves."""
 
+import errno
 import json
 import os
-import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT
 from mlflow.tracking import MlflowClient
 
-from recscale.checkpointing import AtomicCheckpointIO
+from recscale.checkpointing import AtomicCheckpointIO, CheckpointWriteError
 
 
 def recscale(args, tmp, store, extra_env=None, **kw):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(ROOT / "tests"),
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]),
            "RECSCALE_TEST_OUT": str(tmp / "steps"), **(extra_env or {})}
     return subprocess.run([sys.executable, "-m", "recscale", *args], cwd=tmp, env=env, capture_output=True,
                           text=True, **kw)
@@ -71,7 +74,17 @@ def _final_test_auc(store):
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(criteo_dir, tmp_path):
-    args = base_args(criteo_dir) + ["--trainer.max_epochs=4", "--data.batch_size=128", "--seed_everything=7"]
+    """Killed in epoch 2 after two epochs that did not improve the monitored value, a fit resumed with
+    ``--ckpt_path last`` redoes only the killed epoch's batches and ends exactly like an uninterrupted run.
+
+    ``--checkpoint.monitor=epoch --checkpoint.mode=min`` makes epoch 0 the best and every later epoch non-improving,
+    deterministically (val/auc may or may not improve on a given CPU)."""
+    steps_per_epoch = 8  # a prefix of each epoch's shuffled batches keeps the test small
+    args = base_args(criteo_dir) + ["--trainer.max_epochs=4", "--data.batch_size=128", "--seed_everything=7",
+                                    f"--trainer.limit_train_batches={steps_per_epoch}",
+                                    "--diagnostics.gradient_rankme=false",
+                                    "--checkpoint.monitor=epoch", "--checkpoint.mode=min",
+                                    "--trainer.callbacks+=helpers.Faults"]
     ref_dir, kill_dir = tmp_path / "ref", tmp_path / "kill"
     ref_dir.mkdir(), kill_dir.mkdir()
     ref_store, kill_store = f"sqlite:///{ref_dir / 'm.db'}", f"sqlite:///{kill_dir / 'm.db'}"
@@ -79,19 +92,16 @@ def test_resume_after_sigkill_matches_uninterrupted_run(criteo_dir, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     ref = _final_test_auc(ref_store)
 
-    env = {**os.environ, "MLFLOW_TRACKING_URI": kill_store}
-    proc = subprocess.Popen([sys.executable, "-m", "recscale", *args], cwd=kill_dir, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list((kill_dir / "checkpoints").rglob("last.ckpt")):
-        time.sleep(0.05)
-    time.sleep(random.Random(os.getpid()).uniform(0.1, 0.8))  # somewhere in a later epoch
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    k = recscale(args, kill_dir, kill_store, {"RECSCALE_KILL_AT": "2:3"}, timeout=400)  # SIGKILLs itself
+    assert k.returncode == -signal.SIGKILL, k.stderr[-2000:]
+    last = next((kill_dir / "checkpoints").rglob("last.ckpt"))
+    assert torch.load(last, weights_only=False)["epoch"] == 1, "last.ckpt must hold the latest completed epoch"
     r = recscale(args + ["--ckpt_path=last"], kill_dir, kill_store, timeout=400)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming MLflow run" in r.stderr
+    start = json.loads((kill_dir / "steps" / "start.json").read_text())
+    # work redone: only the 3 batches of epoch 2 that ran before the kill
+    assert (start["epoch"], start["batch"], start["global_step"]) == (2, 0, 2 * steps_per_epoch)
     resumed = _final_test_auc(kill_store)  # still exactly one run
     assert resumed.info.run_id == json.loads(next((kill_dir / "checkpoints").rglob("mlflow_run.json")).read_text())["run_id"]
     assert resumed.data.metrics["test/auc"] == pytest.approx(ref.data.metrics["test/auc"], abs=1e-6)
@@ -102,19 +112,73 @@ def test_resume_after_sigkill_matches_uninterrupted_run(criteo_dir, tmp_path):
     assert steps_resumed == steps_ref  # metrics continue at the right steps
 
 
+def test_last_checkpoint_holds_the_latest_epoch_without_improvement(tmp_path):
+    """Lightning's ModelCheckpoint refreshes last.ckpt only with a top-k save; EpochCheckpoint after every epoch."""
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from recscale.checkpointing import EpochCheckpoint
+
+    class Worse(BoringModel):  # the monitored value gets worse every epoch: only epoch 0 is ever the best
+        def validation_step(self, batch, batch_idx):
+            self.log("v", float(self.current_epoch))
+            return super().validation_step(batch, batch_idx)
+
+    ck = EpochCheckpoint(dirpath=tmp_path, monitor="v", mode="min", save_top_k=1, save_last=True)
+    t = L.Trainer(max_epochs=3, callbacks=[ck], limit_train_batches=2, limit_val_batches=1, logger=False,
+                  enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    t.fit(Worse())
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["epoch"] == 2
+    assert torch.load(ck.best_model_path, weights_only=False)["epoch"] == 0
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == sorted(["last.ckpt", Path(ck.best_model_path).name])
+
+
 def test_non_finite_loss_stops_with_the_step(criteo_dir, tmp_path):
     store = f"sqlite:///{tmp_path / 'm.db'}"
     p = recscale(base_args(criteo_dir) + ["--trainer.max_epochs=3", "--model.lr=1e30"], tmp_path, store, timeout=300)
     assert p.returncode == 3, p.stderr[-2000:]
     msg = p.stderr.strip().splitlines()[-1]
-    assert "non-finite training loss" in msg and "global step" in msg and "--ckpt_path last" in msg
+    assert "non-finite training loss" in msg and "global step" in msg
+    assert "no epoch had finished" in msg and "start again" in msg and "--ckpt_path" not in msg
+
+
+def test_nan_advice_as_printed_continues_from_the_last_good_epoch(criteo_dir, tmp_path):
+    """The NaN stop after a finished epoch names a checkpoint; following the advice literally (lower --model.lr, then
+    --ckpt_path as printed) continues from that epoch with the new lr, in a new run that records where it came from."""
+    steps = 5
+    args = base_args(criteo_dir) + ["--trainer.max_epochs=2", f"--trainer.limit_train_batches={steps}",
+                                    "--data.batch_size=512", "--trainer.callbacks+=helpers.Faults",
+                                    "--diagnostics.gradient_rankme=false"]
+    store = f"sqlite:///{tmp_path / 'm.db'}"
+    p = recscale(args + ["--model.lr=0.001"], tmp_path, store, {"RECSCALE_NAN_AT": "1:2"}, timeout=300)
+    assert p.returncode == 3, p.stderr[-2000:]
+    msg = p.stderr.strip().splitlines()[-1]
+    assert "lower --model.lr" in msg, msg
+    ckpt = re.search(r"--ckpt_path (\S+?\.ckpt)", msg).group(1)
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 0
+    first_run = json.loads((Path(ckpt).parent / "mlflow_run.json").read_text())["run_id"]
+
+    r = recscale(args + ["--model.lr=0.0005", f"--ckpt_path={ckpt}"], tmp_path, store, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"continuing from checkpoint {ckpt} (epoch 0" in r.stderr and "model.lr: 0.001 -> 0.0005" in r.stderr, \
+        (msg, r.stderr[-6000:])
+    start = json.loads((tmp_path / "steps" / "start.json").read_text())
+    assert (start["epoch"], start["global_step"]) == (1, steps)  # nothing of epoch 0 redone
+    assert start["lr"] == 0.0005  # the new lr is in effect, not the checkpoint's
+    client, rs = runs(store)
+    new = [x for x in rs if x.info.run_id != first_run]
+    assert len(rs) == 2 and len(new) == 1 and new[0].info.status == "FINISHED"
+    tags = new[0].data.tags
+    assert tags["resumed_from_run"] == first_run and tags["resumed_from_checkpoint"] == str(Path(ckpt).resolve())
+    assert "model.lr: 0.001 -> 0.0005" in tags["config_changes"]
+    assert len(client.get_metric_history(new[0].info.run_id, "val/auc")) == 1  # only epoch 1 ran in the new run
 
 
 def test_kill_during_checkpoint_save_keeps_the_previous_one(tmp_path):
     path = tmp_path / "last.ckpt"
     script = f"""
 import torch, sys
-from recscale.checkpointing import AtomicCheckpointIO
+from recscale.checkpointing import AtomicCheckpointIO, CheckpointWriteError
 io = AtomicCheckpointIO()
 io.save_checkpoint({{"version": 1, "w": torch.ones(3)}}, {str(path)!r})
 print("saved", flush=True)
@@ -130,18 +194,27 @@ print("second", flush=True)
     assert ck["version"] == 1 and torch.equal(ck["w"], torch.ones(3))
 
 
-def test_atomic_save_failure_leaves_no_partial_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 750592")])
+def test_atomic_save_failure_leaves_no_partial_file(tmp_path, monkeypatch, error):
+    """A full disk while saving (torch reports it as OSError or as its zip writer's RuntimeError): one message naming
+    the file, the free space and the fix; the previous checkpoint stays usable and no partial file is left."""
     io = AtomicCheckpointIO()
     path = tmp_path / "x.ckpt"
     io.save_checkpoint({"v": 1}, path)
 
     def boom(obj, f):
         f.write(b"partial")
-        raise OSError("disk full")
+        raise error
 
     monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(OSError):
+    if isinstance(error, RuntimeError):  # torch's variant says nothing about space: the free space decides
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 20, 10 << 20, 1 << 20))
+    with pytest.raises(CheckpointWriteError) as e:
         io.save_checkpoint({"v": 2}, path)
     monkeypatch.undo()
+    msg = str(e.value)
+    assert f"could not save checkpoint {path}: the disk is full" in msg and "the previous x.ckpt is unchanged" in msg
+    assert "--trainer.default_root_dir" in msg and "--ckpt_path last" in msg and "\n" not in msg
     assert torch.load(path, weights_only=False) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["x.ckpt"]

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from recscale.models import backbones as bb
 from recscale.models.layers import (
@@ -82,9 +83,12 @@ def test_inner_products_gradient_against_loop():
     torch.testing.assert_close(g, want)
 
 
-def test_fwfm_against_loop():
+@pytest.mark.parametrize("pairs", ["all", "upper"])
+def test_fwfm_against_loop(pairs):
+    """NFwFM pooling: ``sum over (i, j) of r_ij e_i * e_j``, every ordered pair incl. i = j with a full F x F weight
+    matrix (``all``, the reference fwfm.py) or i < j only (``upper``)."""
     torch.manual_seed(1)
-    pool = FieldWeightedPairs(2, 4)
+    pool = FieldWeightedPairs(2, 4, pairs)
     nn.init.normal_(pool.r)
     e = torch.randn(2, 3, 4, 5)
     got = pool(e)
@@ -92,10 +96,25 @@ def test_fwfm_against_loop():
     for m, b in itertools.product(range(2), range(3)):
         want, k = torch.zeros(5), 0
         for i in range(4):
-            for j in range(i + 1, 4):
-                want += r[m, k] * e[m, b, i] * e[m, b, j]
-                k += 1
+            for j in range(4):
+                if pairs == "all":
+                    want += r[m, i, j] * e[m, b, i] * e[m, b, j]
+                elif j > i:
+                    want += r[m, k] * e[m, b, i] * e[m, b, j]
+                    k += 1
         torch.testing.assert_close(got[m, b], want)
+
+
+def test_nfwfm_default_is_the_reference_pooling():
+    """ICML reference fwfm.py: F x F weights per set (self-terms included), r ~ N(0, 1); 'upper' keeps F(F-1)/2 ones."""
+    torch.manual_seed(0)
+    F_ = 39
+    model = bb.NFwFM(F_, 4, 3, hidden=[8])
+    assert model.pool.r.shape == (3, F_, F_)
+    # 4563 N(0, 1) draws: the sample std is within 0.1 of 1 with overwhelming probability (its sd is about 0.01)
+    assert abs(float(model.pool.r.detach().std()) - 1.0) < 0.1 and abs(float(model.pool.r.detach().mean())) < 0.1
+    upper = bb.NFwFM(F_, 4, 3, hidden=[8], pairs="upper")
+    assert upper.pool.r.shape == (3, F_ * (F_ - 1) // 2) and bool((upper.pool.r == 1).all())
 
 
 def test_cross_network_against_loop():
@@ -133,23 +152,33 @@ def test_fused_cross_matches_autograd_graph_and_gradcheck():
 
 
 def test_cross_network_under_autocast():
-    """Mixed precision (bf16 autocast, as `--trainer.precision bf16-mixed`): the cross layers take autograd's graph,
-    whose backward follows autocast's casts, so values and gradients equal the textbook layer's."""
+    """Mixed precision (bf16 autocast, as `--trainer.precision bf16-mixed`): the fused cross layers run under autocast
+    (torch.amp.custom_fwd/custom_bwd) and agree with autograd's graph of the textbook layer to bf16 rounding.
+
+    Tolerance: bf16 keeps 8 significant bits (unit roundoff 2^-9). The two paths round different intermediates to bf16
+    (the fused backward sums the bias gradient in float32, autograd's graph in bf16; addcmul vs mul + add), a few
+    roundings of values no larger than the tensor's largest entry: 2^-6 of that entry bounds them with room (observed
+    about 2^-10). A path that ignored autocast would still pass this; the float32 comparison below catches that."""
     torch.manual_seed(7)
     net = CrossNetwork(2, 6, layers=2)
     x0 = torch.randn(2, 4, 6)
     results = []
-    for naive in (False, True):
+    for naive, amp in ((False, True), (True, True), (False, False)):
         net.naive = naive
         x = x0.clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             out = net(x)
+        if not naive:
+            assert "FusedCross" in type(out.grad_fn).__name__  # the fused layer ran, it did not step aside
         grads = torch.autograd.grad(out.float().sum(), [x, *net.parameters()])
+        assert out.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
         results.append((out, grads))
-    (o1, g1), (o2, g2) = results
-    assert torch.isfinite(o1).all() and torch.equal(o1, o2)
-    for a, b in zip(g1, g2, strict=True):
-        assert torch.equal(a, b)
+    (o1, g1), (o2, g2), (o3, _) = results
+    assert torch.isfinite(o1).all()
+    for a, b in zip((o1, *g1), (o2, *g2), strict=True):
+        torch.testing.assert_close(a, b, rtol=0.0, atol=2.0**-6 * float(b.abs().max()))
+    # autocast was honoured: bf16 products differ from the float32 layer far beyond float32 rounding (~1e-7)
+    assert float((o1 - o3).abs().max()) > 1e-4
 
 
 def test_shared_cross_layer_broadcasts_over_sets():
@@ -197,23 +226,64 @@ def test_cin_fast_path_equals_outer_product_form():
     torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-5)
 
 
-def test_self_attention_against_loop():
+def _reference_autoint_set(att: SelfAttentionLayers, m: int, e: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """One set through torch.nn.MultiheadAttention + LayerNorm with that set's weights: the reference afi.py
+    ``MultiHeadSelfAttentionInteraction`` (batch second), followed by its ReLU."""
+    A, H = att.att_dim, att.heads
+    x = e @ att.embed.weight[m] + att.embed.bias[m, 0]  # (B, F, A)
+    x = x.transpose(0, 1)  # (F, B, A)
+    outs = []
+    for qkv, out, norm in zip(att.qkv, att.out, att.norm):
+        mha = nn.MultiheadAttention(A, H)
+        ln = nn.LayerNorm(A)
+        with torch.no_grad():
+            mha.in_proj_weight.copy_(qkv.weight[m].T)
+            mha.in_proj_bias.copy_(qkv.bias[m, 0])
+            mha.out_proj.weight.copy_(out.weight[m].T)
+            mha.out_proj.bias.copy_(out.bias[m, 0])
+            ln.weight.copy_(norm.weight[m, 0])
+            ln.bias.copy_(norm.bias[m, 0])
+        x = ln(x + mha(x, x, x)[0])
+        outs.append(x.transpose(0, 1))
+    return torch.relu(outs[-1]), outs
+
+
+def test_self_attention_equals_torch_multihead_attention_per_set():
+    """ICML App. D / reference afi.py: scaled multi-head attention, residual, LayerNorm, ReLU; every set of the batched
+    layer equals torch's MultiheadAttention run with that set's weights, and layer_outputs are the per-layer outputs."""
     torch.manual_seed(4)
-    att = SelfAttentionLayers(2, dim=3, layers=2, heads=2, att_dim=2)
-    e = torch.randn(2, 2, 4, 3)
-    got = att(e)
-    for m, b in itertools.product(range(2), range(2)):
-        x = e[m, b]  # (F, d)
-        for qkv, res in zip(att.qkv, att.res):
-            proj = x @ qkv.weight[m]  # (F, 3*H*A)
-            q, k, v = proj.reshape(4, 3, 2, 2).unbind(1)  # (F, H, A)
-            heads = []
-            for h in range(2):
-                scores = torch.tensor([[float(q[i, h] @ k[j, h]) for j in range(4)] for i in range(4)])
-                w = torch.exp(scores) / torch.exp(scores).sum(1, keepdim=True)
-                heads.append(w @ v[:, h])
-            x = torch.relu(torch.cat(heads, -1) + x @ res.weight[m])
-        torch.testing.assert_close(got[m, b], x, atol=1e-5, rtol=1e-5)
+    M = 3
+    att = SelfAttentionLayers(M, dim=3, layers=2, heads=2, att_dim=4).eval()
+    for p_ in att.parameters():  # non-trivial LayerNorm affine and biases
+        nn.init.normal_(p_, std=0.5)
+    e = torch.randn(M, 5, 4, 3)
+    got, layers = att(e), att.layer_outputs(e)
+    assert len(layers) == 2 and all(t.shape == (M, 5, 4, 4) for t in layers)
+    for m in range(M):
+        want, want_layers = _reference_autoint_set(att, m, e[m])
+        torch.testing.assert_close(got[m], want, atol=1e-5, rtol=1e-5)
+        for a_, b_ in zip(layers, want_layers, strict=True):
+            torch.testing.assert_close(a_[m], b_, atol=1e-5, rtol=1e-5)
+
+
+def test_autoint_logit_layout_against_per_set_loop():
+    """MultiAutoInt of the reference: logit = Linear(F*A, 1)(mean_m ReLU(Att_m(e_m))) + DNN tower; each set by itself."""
+    torch.manual_seed(12)
+    M = 3
+    model = bb.AutoInt(len(DIMS), 4, M, attention_layers=2, heads=2, att_dim=4, hidden=[8, 6]).eval()
+    for mod in model.modules():
+        if isinstance(mod, nn.BatchNorm1d):
+            mod.running_mean.uniform_(-0.5, 0.5), mod.running_var.uniform_(0.5, 2.0)
+    e = torch.randn(M, 7, len(DIMS), 4)
+    att = torch.stack([_reference_autoint_set(model.att, m, e[m])[0] for m in range(M)]).mean(0)  # (B, F, A)
+    want = model.att_out(att.flatten(1)).squeeze(-1) + model.tower(e.flatten(2))
+    torch.testing.assert_close(model(e), want, atol=1e-5, rtol=1e-5)
+    assert [t.shape for t in model.layer_outputs(e)] == [(M, 7, len(DIMS), 4)] * 2
+    fresh = SelfAttentionLayers(2, 3, layers=1, heads=2, att_dim=8)  # nn.MultiheadAttention's init
+    assert bool((fresh.qkv[0].bias == 0).all()) and bool((fresh.out[0].bias == 0).all())
+    assert float(fresh.qkv[0].weight.abs().max()) <= math.sqrt(6.0 / 32)
+    no_dnn = bb.AutoInt(len(DIMS), 4, M, attention_layers=1, heads=1, att_dim=4, hidden=[])
+    assert no_dnn.tower is None and no_dnn(e).shape == (7,)
 
 
 def test_finalmlp_fusion_against_formula():
@@ -230,15 +300,33 @@ def test_finalmlp_fusion_against_formula():
 
 
 def test_ffm_against_loop():
+    """Reference FieldAwareFactorizationMachineModel: logit = b + sum_i w_{x_i} + sum_{i<j} <e_i^{->j}, e_j^{->i}>."""
     torch.manual_seed(6)
-    F_, k = 4, 2
-    model = bb.FFM(F_, (F_ - 1) * k, 1)
-    e = torch.randn(1, 3, F_, (F_ - 1) * k)
-    got = model(e)
+    F_, k = len(DIMS), 2
+    model = CTRModel(lambda f, d, m: bb.FFM(f, d, m), field_dims=DIMS, base_dim=(F_ - 1) * k)
+    ids = torch.stack([torch.randint(0, n, (3,)) for n in DIMS], 1)
+    e = model.embedding(ids)
+    got = model(ids)
+    offsets = [0, *torch.tensor(DIMS).cumsum(0).tolist()[:-1]]
     for b in range(3):
         sub = {(i, j): e[0, b, i, (j - (j > i)) * k:(j - (j > i) + 1) * k] for i in range(F_) for j in range(F_) if i != j}
         want = sum(float(sub[i, j] @ sub[j, i]) for i in range(F_) for j in range(i + 1, F_))
-        assert got[b].item() == pytest.approx(want, rel=1e-5)
+        want += sum(float(model.first_order[offsets[i] + int(ids[b, i]), 0]) for i in range(F_))
+        want += float(model.backbone.bias)
+        assert got[b].item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert model.parameter_counts()["embedding"] == sum(DIMS) * (F_ - 1) * k + sum(DIMS)
+    plain = CTRModel(lambda f, d, m: bb.FFM(f, d, m, first_order=False), field_dims=DIMS, base_dim=(F_ - 1) * k)
+    assert plain.first_order is None
+
+
+def test_ffm_config_uses_reference_sub_embedding_size():
+    """configs/model/ffm.yaml: sub-embeddings of size 8 on Criteo's 39 fields (reference ``ffm`` embed_dim=8)."""
+    import yaml
+
+    from conftest import ROOT
+
+    cfg = yaml.safe_load((ROOT / "configs" / "model" / "ffm.yaml").read_text())
+    assert cfg["model"]["base_dim"] == 38 * 8
 
 
 def test_ffm_rejects_sizes_that_do_not_fit():
@@ -247,22 +335,107 @@ def test_ffm_rejects_sizes_that_do_not_fit():
 
 
 def test_dcnv2_blocks_and_regularizer():
+    """Evidence III as in the reference wrdcnv2.py: every cross layer, sum_ij ||W_ij^T W_ij - I||^2 on the unscaled
+    weight, lambda realised as a per-block scale N_ij of the weight the forward pass uses."""
     torch.manual_seed(7)
     F_, D = 3, 2
-    model = bb.DCNv2(F_, D, 1, cross_layers=1, hidden=[4], orth_reg=1.0)
-    W = model.cross.layers[0].weight[0]
-    B = model.blocks()[0]
-    for i, j in itertools.product(range(F_), range(F_)):
-        torch.testing.assert_close(B[i, j], W[i * D:(i + 1) * D, j * D:(j + 1) * D])
-    lam = model.lam.detach()[0]
-    want = sum(((B[i, j] @ B[i, j].T) - lam[i, j] * torch.eye(D)).pow(2).sum() for i in range(F_) for j in range(F_))
+    model = bb.DCNv2(F_, D, 1, cross_layers=2, hidden=[4], orth_reg=1.0)
+    raws = [lin.parametrizations.weight.original[0] for lin in model.cross.layers]
+    want = 0.0
+    for W in raws:
+        blk = lambda i, j: W[i * D:(i + 1) * D, j * D:(j + 1) * D]  # noqa: E731
+        want = want + sum((blk(i, j) @ blk(i, j).T - torch.eye(D)).pow(2).sum() for i in range(F_) for j in range(F_))
     torch.testing.assert_close(model.regularization(), want)
-    # an orthogonal block with lambda = 1 contributes nothing
+    # the forward pass uses N (.) W: a block scale of 2 doubles that block of W_1 (blocks() sees the used weight)
     with torch.no_grad():
-        model.cross.layers[0].weight.copy_(torch.eye(F_ * D))
-        model.lam.fill_(1.0)
-    offdiag = (F_ * F_ - F_) * D  # zero off-diagonal blocks with lambda 1: ||0 - I||^2 = D each
-    assert model.regularization().item() == pytest.approx(offdiag)
+        model.cross.layers[0].parametrizations.weight[0].scale[0, 1, 2] = 2.0
+    B = model.blocks()[0]
+    W1 = raws[0]
+    for i, j in itertools.product(range(F_), range(F_)):
+        torch.testing.assert_close(B[i, j], W1[i * D:(i + 1) * D, j * D:(j + 1) * D] * (2.0 if (i, j) == (1, 2) else 1.0))
+    torch.testing.assert_close(model.regularization(), want)  # the scale is outside the penalty
+    # an orthogonal W with the identity target contributes D per zero off-diagonal block and 0 per diagonal block
+    with torch.no_grad():
+        for W in raws:
+            W.copy_(torch.eye(F_ * D))
+    assert model.regularization().item() == pytest.approx(2 * (F_ * F_ - F_) * D)
+    first = bb.DCNv2(F_, D, 1, cross_layers=2, hidden=[4], orth_reg=1.0, orth_layers="first")
+    assert not parametrize.is_parametrized(first.cross.layers[1])  # layer 2 is neither scaled nor regularised
+    with torch.no_grad():
+        first.cross.layers[0].parametrizations.weight.original.copy_(torch.eye(F_ * D))
+    assert first.regularization().item() == pytest.approx((F_ * F_ - F_) * D)
+
+
+def test_dcnv2_regularizer_penalty_form():
+    """orth_lambda='penalty': the paper's formula read literally, learnable lambda_ij inside the penalty."""
+    torch.manual_seed(7)
+    F_, D = 3, 2
+    model = bb.DCNv2(F_, D, 1, cross_layers=2, hidden=[4], orth_reg=0.5, orth_lambda="penalty")
+    with torch.no_grad():
+        model.lam.uniform_(0.5, 2.0)
+    want = 0.0
+    for l, lin in enumerate(model.cross.layers):
+        B = model.blocks(l)[0]
+        lam = model.lam.detach()[l, 0]
+        want = want + sum(((B[i, j] @ B[i, j].T) - lam[i, j] * torch.eye(D)).pow(2).sum()
+                          for i in range(F_) for j in range(F_))
+    torch.testing.assert_close(model.regularization(), 0.5 * want)
+
+
+def test_cross_layers_use_the_reference_xavier_init():
+    """ICML reference CrossNetworkV2: W xavier_uniform (bound sqrt(6 / 2n)), b = 0; 'linear' keeps nn.Linear's."""
+    torch.manual_seed(0)
+    n = 200
+    net = CrossNetwork(2, n, layers=2)
+    bound = math.sqrt(3.0 / n)
+    for lin in net.layers:
+        assert bool((lin.bias == 0).all()) and float(lin.weight.abs().max()) <= bound
+        # 80,000 uniform draws: the sample std is within 2 % of bound / sqrt(3)
+        assert float(lin.weight.std()) == pytest.approx(bound / math.sqrt(3), rel=0.02)
+    old = CrossNetwork(2, n, layers=1, init="linear")
+    assert float(old.layers[0].bias.abs().max()) > 0
+
+
+def test_embedding_init_default_is_icml_xavier_and_normal_is_an_option():
+    torch.manual_seed(0)
+    dims = [3000, 2000]
+    m = CTRModel(bb.DNN, field_dims=dims, base_dim=10, mode="ME", scale=2)
+    bound = math.sqrt(6.0 / (sum(dims) + 10))  # xavier over each set's (sum|V|, D) table
+    w = m.embedding.weight
+    assert float(w.abs().max()) <= bound
+    assert float(w.std()) == pytest.approx(bound / math.sqrt(3), rel=0.02)  # 100,000 draws
+    f = CTRModel(bb.DNN, field_dims=dims, base_dim=10, mode="ME", scale=2, embedding_init="normal")
+    assert float(f.embedding.weight.std()) == pytest.approx(1e-4, rel=0.02)
+    with pytest.raises(bb.ConfigError, match="model.embedding_init"):
+        CTRModel(bb.DNN, field_dims=dims, embedding_init="uniform")
+
+
+def test_embedding_l2_is_fuxictr_table_regulariser():
+    """embedding_l2: + lambda/2 ||E||_F^2 over the whole table (FuxiCTR regularization_loss); its gradient reaches
+    rows that the batch did not look up."""
+    torch.manual_seed(0)
+    kw = dict(field_dims=DIMS, base_dim=3, mode="ME", scale=2)
+    plain = CTRModel(lambda f, d, m: bb.FM(f, d, m), **kw)
+    torch.manual_seed(0)
+    reg = CTRModel(lambda f, d, m: bb.FM(f, d, m), embedding_l2=1e-2, recipe="sigir26", **kw)
+    ids = torch.stack([torch.randint(0, 2, (8,)) for _ in DIMS], 1)
+    y = torch.ones(8)
+    diff = reg.loss(reg(ids), y) - plain.loss(plain(ids), y)
+    torch.testing.assert_close(diff, 0.5e-2 * reg.embedding.weight.detach().pow(2).sum())
+    reg.loss(reg(ids), y).backward()
+    reg.on_before_optimizer_step(None)
+    untouched = reg.embedding.offsets[1] + 5  # field 1, id 5: never looked up (ids < 2)
+    torch.testing.assert_close(reg.embedding.weight.grad[untouched], 1e-2 * reg.embedding.weight[untouched].detach())
+    assert reg.hparams.recipe == "sigir26" and plain.hparams.recipe == "icml24"
+
+
+@pytest.mark.parametrize("cls", [bb.DeepFM, bb.NFM, bb.DCNv2, bb.CrossNetParallel])
+def test_batch_norm_can_be_switched_off(cls):
+    """SIGIR recipe (FuxiCTR batch_norm: False): no BatchNorm anywhere in the model."""
+    model = small(cls, 2, batch_norm=False)
+    assert not [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, SetBatchNorm))]
+    assert [m for m in small(cls, 2).modules() if isinstance(m, nn.BatchNorm1d)]
+    assert model(torch.randn(2, 5, len(DIMS), 4)).shape == (5,)
 
 
 # ---------------------------------------------------------------- SE / ME relations
@@ -362,7 +535,7 @@ class _Capture(nn.Module):
         return z.new_zeros(z.shape[1])
 
 
-@pytest.mark.parametrize("cls", [bb.DNN, bb.IPNN, bb.NFwFM, bb.DCNv2, bb.AutoInt, bb.NFM])
+@pytest.mark.parametrize("cls", [bb.DNN, bb.IPNN, bb.NFwFM, bb.DCNv2, bb.NFM])
 def test_batched_sets_equal_the_per_set_loop(cls):
     torch.manual_seed(10)
     M = 3
@@ -382,6 +555,42 @@ def test_shared_interaction_has_one_set_of_interaction_weights(cls):
     assert n_shared < n_own
     out = shared(torch.randn(4, 5, len(DIMS), 4))
     assert out.shape == (5,)
+
+
+def test_shared_batch_norm_equals_one_module_called_per_set():
+    """A BN shared by all sets (Fig. 10c) behaves like the reference's one BatchNorm1d called once per set: per-set
+    batch statistics in training, the M running-statistics updates in set order, shared running statistics in eval."""
+    torch.manual_seed(13)
+    M, B, C = 3, 6, 4
+    shared = SetBatchNorm(1, C)
+    ref = nn.BatchNorm1d(C)
+    with torch.no_grad():
+        for bn in (shared.bn, ref):
+            bn.weight.copy_(torch.linspace(0.5, 2.0, C))
+            bn.bias.copy_(torch.linspace(-1.0, 1.0, C))
+    for _ in range(2):  # two training steps
+        x = torch.randn(M, B, C) * 3 + 1
+        got = shared(x)
+        want = torch.stack([ref(x[m]) for m in range(M)])
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(shared.bn.running_mean, ref.running_mean)
+    torch.testing.assert_close(shared.bn.running_var, ref.running_var)
+    assert int(shared.bn.num_batches_tracked) == int(ref.num_batches_tracked) == 2 * M
+    shared.eval(), ref.eval()
+    x = torch.randn(M, B, C)
+    torch.testing.assert_close(shared(x), torch.stack([ref(x[m]) for m in range(M)]))
+
+
+@pytest.mark.parametrize("cls", [bb.DCNv2, bb.NFwFM, bb.CrossNet])
+def test_shared_interaction_shares_the_first_projection(cls):
+    """Fig. 10c as the reference MultiESingleIDCNv2: the cross net AND the first MLP layer are one block shared by all
+    sets, so the dense parameter count does not grow with M; each set still goes through it and the mean is taken."""
+    counts = {m: sum(p.numel() for p in small(cls, m, shared_interaction=True).parameters()) for m in (2, 5)}
+    assert counts[2] == counts[5]
+    torch.manual_seed(3)
+    model = small(cls, 3, shared_interaction=True).eval()
+    e = torch.randn(3, 6, len(DIMS), 4)
+    assert torch.isfinite(model(e)).all()
 
 
 def test_set_linear_matches_nn_linear_init_bound():

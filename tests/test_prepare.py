@@ -160,7 +160,7 @@ def _bad_criteo(tmp_path) -> Path:
 
 def test_bad_lines_are_rejected_with_line_and_reason(tmp_path):
     src = _bad_criteo(tmp_path)
-    s = prepare(src, tmp_path / "out", Options(dataset="criteo", progress=False, min_count=1))
+    s = prepare(src, tmp_path / "out", Options(dataset="criteo", progress=False, min_count=1, max_reject_fraction=0.1))
     assert s["rejected"] == 4
     assert sum(s["rows"].values()) == 56
     rej = (tmp_path / "out" / "rejected.tsv").read_text().splitlines()
@@ -253,11 +253,13 @@ def test_interrupted_prepare_leaves_nothing_that_looks_complete(tmp_path, sig):
 
 # ---------------------------------------------------------------- encode and synth
 def test_encode_later_data_with_same_ids(tmp_path, avazu_dir):
-    s = run_cli("encode", "--data", str(avazu_dir), "--input", str(AVAZU_TAIL), "--output", str(tmp_path / "enc"),
+    tail = tmp_path / "tail.csv"  # the bundled tail has no header line; an Avazu file must have one
+    tail.write_text(AVAZU_SAMPLE.read_text().splitlines(keepends=True)[0] + AVAZU_TAIL.read_text())
+    s = run_cli("encode", "--data", str(avazu_dir), "--input", str(tail), "--output", str(tmp_path / "enc"),
                 "--no-progress")
-    meta = json.loads((tmp_path / "enc" / "encoded.json").read_text())
-    assert meta["rows"] == 1000 and meta["rejected_rows"] == 0, s.stdout
-    got = pl.read_parquet(tmp_path / "enc" / "data" / "part-00000.parquet")
+    meta = json.loads((tmp_path / "enc" / "spec.json").read_text())
+    assert meta["splits"]["test"]["rows"] == 1000 and meta["rejected_rows"] == 0, s.stdout
+    got = pl.read_parquet(tmp_path / "enc" / "test" / "part-00000.parquet")
     voc = pl.read_parquet(avazu_dir / "vocab" / "site_id.parquet")
     mapping = dict(zip(voc["token"][1:], voc["id"][1:]))
     raw = [ln.split(",") for ln in AVAZU_TAIL.read_text().splitlines()]

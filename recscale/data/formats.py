@@ -18,7 +18,23 @@ AVAZU_COLUMNS = (
     "device_ip,device_model,device_type,device_conn_type,C14,C15,C16,C17,C18,C19,C20,C21"
 ).split(",")
 
-PROTOCOLS = ("icml24", "bars")
+PROTOCOLS = ("icml24", "bars", "criteo_x1")
+# Protocols whose vocabulary is counted on the train split only (FuxiCTR fits its encoder on the train file).
+TRAIN_VOCAB_PROTOCOLS = ("bars", "criteo_x1")
+# train/valid/test proportions of the random split; other protocols use 8/1/1 (ICML 2024 App. C.2, BARS x4).
+SPLIT_RATIO = {"criteo_x1": (7, 2, 1)}
+
+
+def split_ratio(protocol: str) -> tuple[int, int, int]:
+    """The protocol's default train/valid/test proportions (integers; the split is exact, see prepare._split_labels).
+
+    ``criteo_x1`` is FuxiCTR / BARS Criteo_x1 (used by SIGIR 2026): a 7/2/1 random split following AFN (Cheng et al.
+    2020), vocabulary fitted on the train split, min count 1 (``min_categr_count: 1``). Its integer fields I1-I13 are
+    ``numeric`` features in FuxiCTR (one learned vector per field scaled by the AFN-normalised value); recscale's shards
+    hold categorical ids only, so ``criteo_x1`` keeps the icml24 bucketing of the integer values (our reading; the
+    one deviation from Criteo_x1).
+    """
+    return SPLIT_RATIO.get(protocol, (8, 1, 1))
 
 
 class PrepareError(Exception):
@@ -32,7 +48,7 @@ class RawFormat:
     columns: tuple[str, ...]
     label: str
     numeric: tuple[str, ...]  # columns that must parse as integers (empty allowed)
-    header: bool  # the Kaggle file starts with a header line (detected, see prepare._detect_header)
+    header: bool  # the Kaggle file starts with a header line, whose names give the column order (prepare.read_header)
 
     @property
     def ncols(self) -> int:
@@ -44,7 +60,8 @@ AVAZU = RawFormat("avazu", ",", tuple(AVAZU_COLUMNS), "click", (), True)
 FORMATS = {"criteo": CRITEO, "avazu": AVAZU}
 
 # Per-protocol minimum counts (DESIGN.md): tokens seen fewer times share the field's OOV id.
-MIN_COUNT = {("criteo", "icml24"): 10, ("avazu", "icml24"): 4, ("criteo", "bars"): 10, ("avazu", "bars"): 2}
+MIN_COUNT = {("criteo", "icml24"): 10, ("avazu", "icml24"): 4, ("criteo", "bars"): 10, ("avazu", "bars"): 2,
+             ("criteo", "criteo_x1"): 1}
 
 
 def criteo_numeric_token(col: str) -> pl.Expr:
@@ -89,6 +106,10 @@ def check_dataset_protocol(dataset: str, protocol: str) -> RawFormat:
         raise PrepareError(f"unknown dataset {dataset!r}: choose one of {', '.join(FORMATS)}")
     if protocol not in PROTOCOLS:
         raise PrepareError(f"unknown protocol {protocol!r} (--protocol): choose one of {', '.join(PROTOCOLS)}")
+    if (dataset, protocol) not in MIN_COUNT:
+        valid = [p for d, p in MIN_COUNT if d == dataset]
+        raise PrepareError(f"protocol {protocol!r} (--protocol) is not defined for {dataset}: choose one of "
+                           f"{', '.join(valid)}")
     return FORMATS[dataset]
 
 

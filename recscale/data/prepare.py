@@ -16,6 +16,8 @@ leaves a directory that looks complete. Same input and options -> byte-identical
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import gzip
 import hashlib
 import json
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,11 +44,13 @@ import pyarrow.parquet as pq
 from recscale import __version__
 from recscale.data.formats import (
     MIN_COUNT,
+    TRAIN_VOCAB_PROTOCOLS,
     PrepareError,
     RawFormat,
     check_dataset_protocol,
     field_names,
     output_schema,
+    split_ratio,
     token_exprs,
 )
 from recscale.data.spec import load_spec
@@ -53,6 +58,9 @@ from recscale.data.spec import load_spec
 SPLITS = ("train", "valid", "test")
 SPEC_VERSION = 1
 BLOCK_BYTES = 32 << 20
+CSV_BLOCK_BYTES = 4 << 20  # the CSV reader's block; a longer line is parsed with one block of the whole buffer
+MAX_REJECT_FRACTION = 0.05  # default of --max-reject-fraction
+BOM = b"\xef\xbb\xbf"
 
 
 @dataclass
@@ -60,6 +68,7 @@ class Options:
     dataset: str
     protocol: str = "icml24"
     min_count: int | None = None  # None: the protocol's default
+    split: tuple[int, int, int] | None = None  # train/valid/test proportions; None: the protocol's (8/1/1, criteo_x1 7/2/1)
     seed: int = 0
     shard_rows: int = 1 << 20
     row_group_rows: int = 1 << 16
@@ -67,6 +76,11 @@ class Options:
     compression: str = "zstd"
     strict: bool = False
     progress: bool = True
+    max_reject_fraction: float = MAX_REJECT_FRACTION  # more rejected lines than this fraction: an error
+
+
+    def resolved_split(self) -> tuple[int, int, int]:
+        return split_ratio(self.protocol) if self.split is None else tuple(self.split)
 
     def resolved_min_count(self) -> int:
         return MIN_COUNT[(self.dataset, self.protocol)] if self.min_count is None else self.min_count
@@ -79,14 +93,31 @@ def _open(path: Path):
     return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
 
 
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn a corrupt or truncated gzip stream into one line naming the file."""
+    try:
+        yield
+    except EOFError as e:
+        raise PrepareError(f"input file {path} is a truncated gzip file (the compressed stream ends early): download "
+                           f"it again (`gzip -t {path}` checks a file)") from e
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise PrepareError(f"input file {path} starts like gzip but is not a valid gzip file ({e}): download it again, "
+                           "or pass the uncompressed file") from e
+
+
 def iter_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[bytes]:
-    """Blocks of whole lines (each ends with a newline); CRLF is normalised to LF."""
+    """Blocks of whole lines (each ends with a newline); CRLF is normalised to LF, a UTF-8 BOM at the start dropped."""
     rest = b""
-    with _open(path) as f:
+    first = True
+    with _reading(path), _open(path) as f:
         while True:
             buf = f.read(block_bytes)
             if not buf:
                 break
+            if first and buf.startswith(BOM):
+                buf = buf[len(BOM):]
+            first = False
             buf = rest + buf
             cut = buf.rfind(b"\n")
             if cut < 0:
@@ -105,7 +136,7 @@ def _crlf(b: bytes) -> bytes:
 def scan(path: Path) -> tuple[int, str, int]:
     """(number of lines, sha256 of the file's bytes, size in bytes) in one streaming pass."""
     h, size, lines, last = hashlib.sha256(), 0, 0, b"\n"
-    with open(path, "rb") as raw:
+    with _reading(path), open(path, "rb") as raw:
         compressed = raw.read(2) == b"\x1f\x8b"
         raw.seek(0)
         if compressed:
@@ -127,12 +158,54 @@ def scan(path: Path) -> tuple[int, str, int]:
     return lines, h.hexdigest(), size
 
 
-def _detect_header(path: Path, fmt: RawFormat) -> bool:
+def read_header(path: Path, fmt: RawFormat) -> tuple[bool, RawFormat]:
+    """Whether the file has a header line, and the format with the columns in the file's order.
+
+    Formats with a header (Avazu) must have one; its columns are matched by name, so a reordered file is read right.
+    A missing, unknown or repeated column is an error naming it. Formats without one (Criteo) are read by position."""
     if not fmt.header:
-        return False
-    with _open(path) as f:
-        first = f.readline().rstrip(b"\r\n").decode("utf-8", "replace")
-    return first.split(fmt.delimiter)[: len(fmt.columns)] == list(fmt.columns)
+        return False, fmt
+    with _reading(path), _open(path) as f:
+        first = f.readline()
+    first = first.removeprefix(BOM).rstrip(b"\r\n").decode("utf-8", "replace")
+    names = first.split(fmt.delimiter)
+    if names == list(fmt.columns):
+        return True, fmt
+    known = set(fmt.columns)
+    if not known & set(names):
+        raise PrepareError(
+            f"input file {path} has no header line: a {fmt.name} file starts with the header "
+            f"`{fmt.delimiter.join(fmt.columns[:4])}{fmt.delimiter}...` ({fmt.ncols} columns, matched by name); "
+            f"add it (e.g. `(head -1 train.csv; cat {path}) > with_header.csv`), or check that this is a {fmt.name} "
+            f"file (line 1 is {first[:60]!r})")
+    missing = [c for c in fmt.columns if c not in names]
+    unknown = [n for n in names if n not in known]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    for what, cols in (("lacks the column(s)", missing), ("has unknown column(s)", unknown),
+                       ("repeats the column(s)", repeated)):
+        if cols:
+            raise PrepareError(f"input file {path}: the header (line 1) {what} {', '.join(cols)}; a {fmt.name} "
+                               f"file has the columns {fmt.delimiter.join(fmt.columns)} (in any order)")
+    return True, dataclasses.replace(fmt, columns=tuple(names))
+
+
+def check_format(path: Path, fmt: RawFormat, header: bool, what: str = "") -> None:
+    """Refuse a file whose first data line is a line of another dataset's format (and not of this one)."""
+    from recscale.data.formats import FORMATS
+
+    with _reading(path), _open(path) as f:
+        line = f.readline()
+        if header:
+            line = f.readline()
+    line = line.removeprefix(BOM).rstrip(b"\r\n")
+    if line.count(fmt.delimiter.encode()) + 1 == fmt.ncols:
+        return
+    for other in FORMATS.values():
+        if other.name != fmt.name and line.count(other.delimiter.encode()) + 1 == other.ncols:
+            raise PrepareError(
+                f"input file {path} looks like {other.name} data (line {1 + int(header)} has {other.ncols} "
+                f"{other.delimiter!r}-separated fields), not {fmt.name} ({fmt.ncols} {fmt.delimiter!r}-separated "
+                f"fields){what}")
 
 
 @dataclass
@@ -144,27 +217,55 @@ class Block:
 
 
 def _read_csv(buf: bytes, fmt: RawFormat, on_invalid=None) -> pa.Table:
-    return pacsv.read_csv(
-        pa.py_buffer(buf),
-        read_options=pacsv.ReadOptions(column_names=list(fmt.columns), block_size=4 << 20),
-        parse_options=pacsv.ParseOptions(delimiter=fmt.delimiter, quote_char=False, newlines_in_values=False,
-                                         invalid_row_handler=on_invalid),
-        convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in fmt.columns}),
-    )
+    def read(block_size: int) -> pa.Table:
+        return pacsv.read_csv(
+            pa.py_buffer(buf),
+            read_options=pacsv.ReadOptions(column_names=list(fmt.columns), block_size=block_size),
+            parse_options=pacsv.ParseOptions(delimiter=fmt.delimiter, quote_char=False, newlines_in_values=False,
+                                             invalid_row_handler=on_invalid),
+            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in fmt.columns}),
+        )
+
+    try:
+        return read(CSV_BLOCK_BYTES)
+    except pa.ArrowInvalid as e:  # a line longer than the reader's block ("straddling object"): one block
+        if "straddl" not in str(e):
+            raise
+        return read(len(buf) + 1)
+
+
+def _encoding_rejects(a: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> dict[int, str]:
+    """Lines (by index in the block) holding a lone carriage return or bytes that are not UTF-8, with the reason.
+
+    Only called for a block that is not plain ASCII or holds a CR; Python runs only for the lines with such bytes."""
+    out: dict[int, str] = {}
+    for i in np.unique(np.searchsorted(ends, np.flatnonzero(a == 13))):
+        at = int(np.flatnonzero(a[starts[i]:ends[i]] == 13)[0]) + 1
+        out[int(i)] = f"carriage return (CR) inside the line at byte {at}"
+    for i in np.unique(np.searchsorted(ends, np.flatnonzero(a >= 128))):
+        if int(i) in out:
+            continue
+        try:
+            a[starts[i]:ends[i]].tobytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            out[int(i)] = f"not valid UTF-8 (byte 0x{e.object[e.start]:02x} at byte {e.start + 1})"
+    return out
 
 
 def parse_block(buf: bytes, fmt: RawFormat, first_line: int, skip_first: bool = False) -> Block:
     """Split, validate and parse one block of whole lines; vectorised, with Python only for the (rare) bad lines.
 
-    Fast path: the CSV reader parses the block, and a block where it meets no line of the wrong width is taken as is.
-    Otherwise the field count of every line is computed with numpy, the bad lines are reported with their numbers and
-    cut out, and the rest is parsed again.
+    Fast path: the CSV reader parses a plain-ASCII block without carriage returns, and a block where it meets no line of
+    the wrong width is taken as is. Otherwise the field count of every line is computed with numpy, lines with a lone CR
+    (the reader would split them) or bytes that are not UTF-8 are found, the bad lines are reported with their numbers
+    and cut out, and the rest is parsed again.
     """
     nlines = buf.count(b"\n")
     lineno = np.arange(first_line, first_line + nlines, dtype=np.int64)
     invalid: list = []
     table = None
-    if not skip_first:
+    plain = buf.isascii() and b"\r" not in buf
+    if plain and not skip_first:
         table = _read_csv(buf, fmt, lambda row: invalid.append(row) or "skip")
     rejects: list[tuple[int, str]] = []
     if table is None or invalid or table.num_rows != nlines:
@@ -174,19 +275,22 @@ def parse_block(buf: bytes, fmt: RawFormat, first_line: int, skip_first: bool = 
         delims = np.flatnonzero(a == ord(fmt.delimiter))
         nfields = np.searchsorted(delims, ends) - np.searchsorted(delims, starts) + 1
         good = nfields == fmt.ncols
+        reasons = {int(i): f"expected {fmt.ncols} fields, got {int(nfields[i])}" for i in np.flatnonzero(~good)}
+        if not plain:
+            enc = _encoding_rejects(a, starts, ends)
+            reasons.update(enc)
+            good[list(enc)] = False
         if skip_first:
             good[0] = False
-        rejects = [
-            (int(lineno[i]), f"expected {fmt.ncols} fields, got {int(nfields[i])}")
-            for i in np.flatnonzero(~good)
-            if not (skip_first and i == 0)
-        ]
+            reasons.pop(0, None)
+        rejects = [(int(lineno[i]), why) for i, why in sorted(reasons.items())]
         lineno = lineno[good]
         if len(lineno) == 0:
             return Block(pl.DataFrame(schema={c: pl.String for c in fmt.columns}), lineno, rejects, nlines)
         table = _read_csv(a[np.repeat(good, ends - starts + 1)].tobytes(), fmt)
     raw = pl.from_arrow(table)
-    assert isinstance(raw, pl.DataFrame) and raw.height == len(lineno), "CSV parse lost lines"
+    if not isinstance(raw, pl.DataFrame) or raw.height != len(lineno):
+        raise pa.ArrowInvalid(f"the CSV reader returned {len(raw)} rows for {len(lineno)} lines")
     checks = [(~pl.col(fmt.label).is_in(["0", "1"])).alias("label")]
     checks += [((pl.col(c) != "") & pl.col(c).str.to_integer(strict=False).is_null()).alias(c) for c in fmt.numeric]
     bad = raw.select(checks)
@@ -209,7 +313,12 @@ def parse_block(buf: bytes, fmt: RawFormat, first_line: int, skip_first: bool = 
 def iter_parsed(path: Path, fmt: RawFormat, header: bool) -> Iterator[Block]:
     line = 1
     for i, buf in enumerate(iter_blocks(path)):
-        block = parse_block(buf, fmt, line, skip_first=header and i == 0)
+        try:
+            block = parse_block(buf, fmt, line, skip_first=header and i == 0)
+        except pa.ArrowException as e:  # not expected (bad lines are cut out first); never a bare traceback
+            last = line + buf.count(b"\n") - 1
+            raise PrepareError(f"input file {path}: lines {line}-{last} cannot be parsed "
+                               f"({e}); run with --strict to find the first bad line") from e
         yield block
         line += block.nlines
 
@@ -297,23 +406,33 @@ class _Progress:
         self.bar.close()
 
 
-def _split_labels(n: int, seed: int) -> np.ndarray:
-    """Exact 8/1/1 random split of n data lines (0 train, 1 valid, 2 test), seeded."""
-    n_train, n_valid = (8 * n) // 10, n // 10
+def _split_labels(n: int, seed: int, ratio: tuple[int, int, int] = (8, 1, 1)) -> np.ndarray:
+    """Exact random split of n data lines in the proportions ``ratio`` (0 train, 1 valid, 2 test), seeded:
+    ``floor(r_train n / sum r)`` train and ``floor(r_valid n / sum r)`` valid lines, the rest test."""
+    total = sum(ratio)
+    n_train, n_valid = (ratio[0] * n) // total, (ratio[1] * n) // total
     labels = np.repeat(np.array([0, 1, 2], np.uint8), [n_train, n_valid, n - n_train - n_valid])
     np.random.default_rng(seed).shuffle(labels)
     return labels
+
+
+def _umask() -> int:
+    m = os.umask(0o022)
+    os.umask(m)
+    return m
 
 
 @contextmanager
 def atomic_directory(out: Path) -> Iterator[Path]:
     """Build a directory in a hidden sibling and move it into place only when the block succeeds; an existing `out`
     is replaced only then. On any failure (Ctrl-C included) the partial directory is removed; after kill -9 it stays
-    hidden and incomplete (no spec.json), never at `out`."""
+    hidden and incomplete (no spec.json), never at `out`. The result gets the permissions of a directory made with
+    ``mkdir`` (it follows the umask, not ``mkdtemp``'s 0700)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -326,21 +445,81 @@ def atomic_directory(out: Path) -> Iterator[Path]:
         raise
 
 
+def is_dataset_dir(path: Path) -> bool:
+    """A directory recscale wrote (prepare or encode: it has spec.json), or an empty one."""
+    return path.is_dir() and not path.is_symlink() and ((path / "spec.json").is_file() or not any(path.iterdir()))
+
+
+def check_output(out: Path, overwrite: bool, keep: dict[str, Path]) -> None:
+    """Refuse an --output that exists (without --overwrite), and with --overwrite anything but a recscale dataset:
+    never one of the files or directories in `keep` (the input, the vocabulary) or a directory that contains one."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise PrepareError(f"output {out} already exists: pass --overwrite to replace it, or choose --output")
+    target = out.resolve()
+    for what, path in keep.items():
+        p = path.resolve()
+        if target == p or target in p.parents:
+            rel = "is" if target == p else "contains"
+            raise PrepareError(f"--output {out} {rel} the {what} {path}: --overwrite never replaces it; choose "
+                               "another --output")
+    if not is_dataset_dir(out):
+        kind = "a file" if not out.is_dir() else "a directory without spec.json"
+        raise PrepareError(f"--output {out} is {kind}, not a recscale dataset: --overwrite only replaces directories "
+                           "that prepare or encode wrote; choose another --output (or remove it yourself)")
+
+
+@contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    """One line for a write that fails because of the output's disk (full, read-only, no permission)."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, PrepareError):
+            raise
+        where = e.filename or out
+        if e.errno == errno.ENOSPC:
+            raise PrepareError(f"no space left on the disk of {out.parent} while writing {where}: free some space or "
+                               f"choose an --output on another disk (nothing was left at {out})") from e
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise PrepareError(f"cannot write {where} ({e.strerror}): choose an --output in a writable directory "
+                               f"(nothing was left at {out})") from e
+        raise
+
+
+def _too_many_rejects(src: Path, rejected: int, n_data: int, first: list[tuple[int, str]], limit: float,
+                      what: str = "") -> PrepareError | None:
+    """The error for a file where every line, or more than the --max-reject-fraction, was rejected (else None)."""
+    if rejected == 0 or (rejected < n_data and rejected <= limit * n_data):
+        return None
+    reasons = "; ".join(f"line {ln}: {why}" for ln, why in first[:3])
+    head = ("every line was rejected" if rejected >= n_data else
+            f"{rejected:,} of {n_data:,} lines ({rejected / n_data:.1%}) were rejected, more than "
+            f"--max-reject-fraction {limit:g}")
+    return PrepareError(f"input file {src}: {head}; first reasons: {reasons}{what}. Check that the file is "
+                        "the raw dataset named on the command line"
+                        + (" (or raise --max-reject-fraction)" if rejected < n_data else ""))
+
+
 def prepare(input_path: str | Path, output: str | Path, opts: Options, overwrite: bool = False) -> dict:
     """Prepare one raw file; returns the summary dict (also printed by the CLI)."""
     t0 = time.perf_counter()
     fmt = check_dataset_protocol(opts.dataset, opts.protocol)
     src, out = Path(input_path), Path(output)
+    if src.is_dir():
+        raise PrepareError(f"input {src} is a directory (--input): pass the path of the raw Kaggle file")
     if not src.is_file():
         raise PrepareError(f"input file {src} does not exist (--input): pass the path of the raw Kaggle file")
     if src.stat().st_size == 0:
         raise PrepareError(f"input file {src} is empty: pass the raw Kaggle file (did a download fail?)")
-    if out.exists() and not overwrite:
-        raise PrepareError(f"output directory {out} already exists: pass --overwrite to replace it, or choose --output")
+    check_output(out, overwrite, {"input file": src})
     for name, v in [("--shard-rows", opts.shard_rows), ("--row-group-rows", opts.row_group_rows)]:
         if v <= 0:
             raise PrepareError(f"{name} must be positive, got {v}")
-    with atomic_directory(out) as tmp:
+    if not 0.0 <= opts.max_reject_fraction <= 1.0:
+        raise PrepareError(f"--max-reject-fraction must be in [0, 1], got {opts.max_reject_fraction}")
+    with _writing(out), atomic_directory(out) as tmp:
         summary = _prepare_into(src, tmp, fmt, opts)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["output"] = str(out)
@@ -352,14 +531,18 @@ def _prepare_into(src: Path, tmp: Path, fmt: RawFormat, opts: Options) -> dict:
     min_count = opts.resolved_min_count()
     if min_count < 1:
         raise PrepareError(f"--min-count must be at least 1, got {min_count}")
-    header = _detect_header(src, fmt)
+    header, fmt = read_header(src, fmt)
+    check_format(src, fmt, header, f" (`recscale prepare {fmt.name}`)")
 
     # pass 0: scan
     n_lines, sha, size = scan(src)
     n_data = n_lines - int(header)
     if n_data <= 0:
         raise PrepareError(f"input file {src} has no data lines")
-    split = _split_labels(n_data, opts.seed)
+    ratio = opts.resolved_split()
+    if len(ratio) != 3 or min(ratio) < 0 or ratio[0] <= 0:
+        raise PrepareError(f"--split-ratio must be three non-negative integers with a positive train part, got {ratio}")
+    split = _split_labels(n_data, opts.seed, ratio)
     n_train_lines = int((split == 0).sum())
     n_buckets = max(1, math.ceil(n_train_lines / opts.bucket_rows))
 
@@ -380,6 +563,7 @@ def _prepare_into(src: Path, tmp: Path, fmt: RawFormat, opts: Options) -> dict:
     sinks = {n: pa.ipc.new_stream(spill / f"{n}.arrow", spill_schema) for n in names}
     bucket_rng = np.random.default_rng([opts.seed, 1])
     rejected = 0
+    first_rejects: list[tuple[int, str]] = []
     prog = _Progress(n_data, "read  ", opts.progress)
     with open(tmp / "rejected.tsv", "w") as rej:
         rej.write("line\treason\n")
@@ -389,10 +573,11 @@ def _prepare_into(src: Path, tmp: Path, fmt: RawFormat, opts: Options) -> dict:
                     line, reason = block.rejects[0]
                     raise PrepareError(f"{src}:{line}: {reason} (--strict stops at the first bad line)")
                 rejected += len(block.rejects)
+                first_rejects += block.rejects[: 3 - len(first_rejects)]
                 rej.writelines(f"{ln}\t{why}\n" for ln, why in block.rejects)
             pids = block.raw.select(pid_exprs).with_columns(block.raw[fmt.label].cast(pl.Int8).alias("label"))
             s = split[block.lines - 1 - int(header)]
-            counted = np.flatnonzero(s == 0) if opts.protocol == "bars" else None
+            counted = np.flatnonzero(s == 0) if opts.protocol in TRAIN_VOCAB_PROTOCOLS else None
             for j, f in enumerate(fields):
                 ids = pids[f].to_numpy()
                 c = np.bincount(ids if counted is None else ids[counted])
@@ -416,8 +601,9 @@ def _prepare_into(src: Path, tmp: Path, fmt: RawFormat, opts: Options) -> dict:
     prog.close()
     for w in sinks.values():
         w.close()
-    if rejected == n_data:
-        raise PrepareError(f"input file {src}: every line was rejected (first reasons in the log above)")
+    err = _too_many_rejects(src, rejected, n_data, first_rejects, opts.max_reject_fraction)
+    if err is not None:
+        raise err
 
     # vocabulary: ids by count descending then token, OOV = 0; lut maps provisional id -> final id
     vocab_dir = tmp / "vocab"
@@ -468,7 +654,7 @@ def _prepare_into(src: Path, tmp: Path, fmt: RawFormat, opts: Options) -> dict:
         "options": {
             "min_count": min_count,
             "seed": opts.seed,
-            "split": [0.8, 0.1, 0.1],
+            "split": [r / sum(ratio) for r in ratio],
             "shard_rows": opts.shard_rows,
             "row_group_rows": opts.row_group_rows,
             "compression": opts.compression,
@@ -482,7 +668,11 @@ def _prepare_into(src: Path, tmp: Path, fmt: RawFormat, opts: Options) -> dict:
         "recscale_version": __version__,
     }
     (tmp / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
+    empty = [s_ for s_ in SPLITS if splits[s_]["rows"] == 0]
+    warning = {"warning": f"the {' and '.join(empty)} split(s) are empty ({n_data - rejected} good lines, split 8/1/1):"
+                          " `recscale fit` needs train and valid rows; prepare a larger input"} if empty else {}
     return {
+        **warning,
         "dataset": opts.dataset,
         "protocol": opts.protocol,
         "rows": {s_: splits[s_]["rows"] for s_ in SPLITS},
@@ -496,40 +686,91 @@ def load_vocabs(data_dir: Path, fields: list[str]) -> dict[str, pl.DataFrame]:
     return {f: pl.read_parquet(data_dir / "vocab" / f"{f}.parquet") for f in fields}
 
 
+ENCODE_SPLITS = ("test", "8/1/1")
+UNKNOWN_WARNING = 0.5  # encode warns when more than this fraction of all values is unknown to the vocabulary
+
+
 def encode_file(input_path: str | Path, data_dir: str | Path, output: str | Path, overwrite: bool = False,
-                progress: bool = True) -> dict:
+                progress: bool = True, split: str = "test",
+                max_reject_fraction: float = MAX_REJECT_FRACTION) -> dict:
     """Encode another raw file (e.g. another day) with the ids of an existing prepared directory.
 
-    Rows keep their file order and are written to ``OUTPUT/data/part-NNNNN.parquet`` with the same schema; bad lines are
-    reported in ``OUTPUT/rejected.tsv`` as in prepare.
+    The output is a dataset of its own (``spec.json`` naming the vocabulary's directory and spec checksum, shards with
+    the same schema, ``rejected.tsv``): ``split="test"`` puts every row, in file order, in its test split (for
+    ``recscale test``/``inspect --split test``); ``split="8/1/1"`` draws the seeded 8/1/1 split of ``prepare`` (rows
+    in file order within each split; the DataModule shuffles row groups and a buffer while training). The summary has
+    the fraction of values per field that the vocabulary does not know (``unknown_rate``: id 0, which also holds the
+    vocabulary's own rare tokens); ``warning`` is set when most values are unknown.
     """
+    data_dir = Path(data_dir)
     spec = load_spec(data_dir)
+    vocab_dir = Path(spec.get("encoded_with", {}).get("data_dir", data_dir))  # an encoded dir names its vocabulary
     opts = Options(dataset=spec["dataset"], protocol=spec["protocol"], progress=progress,
                    shard_rows=spec["options"]["shard_rows"], row_group_rows=spec["options"]["row_group_rows"],
-                   compression=spec["options"]["compression"])
+                   compression=spec["options"]["compression"], seed=spec["options"].get("seed", 0))
     fmt = check_dataset_protocol(opts.dataset, opts.protocol)
     src, out = Path(input_path), Path(output)
+    if split not in ENCODE_SPLITS:
+        raise PrepareError(f"unknown --split {split!r}: choose one of {', '.join(ENCODE_SPLITS)}")
     if not src.is_file() or src.stat().st_size == 0:
         raise PrepareError(f"input file {src} does not exist or is empty (--input)")
-    if out.exists() and not overwrite:
-        raise PrepareError(f"output directory {out} already exists: pass --overwrite to replace it")
+    check_output(out, overwrite, {"input file": src, "vocabulary directory (--data)": vocab_dir,
+                                  "data directory (--data)": data_dir})
+    what = f" (the vocabulary of {data_dir} is {opts.dataset}/{opts.protocol})"
+    try:
+        header, fmt = read_header(src, fmt)
+        check_format(src, fmt, header, what)
+    except PrepareError as e:
+        raise PrepareError(f"{e}{what if what not in str(e) else ''}") from e
     fields = [f["name"] for f in spec["fields"]]
-    vocabs = load_vocabs(Path(data_dir), fields)
+    vocabs = load_vocabs(vocab_dir, fields)
     exprs = token_exprs(opts.dataset, opts.protocol)
     schema = output_schema(fields)
-    with atomic_directory(out) as tmp:
-        w = ShardWriter(tmp / "data", schema, opts)
-        rejected = 0
+    n_lines, sha, size = scan(src)
+    n_data = n_lines - int(header)
+    names = ("test",) if split == "test" else SPLITS
+    labels = np.full(n_data, 2, np.uint8) if split == "test" else _split_labels(n_data, opts.seed)
+    with _writing(out), atomic_directory(out) as tmp:
+        writers = {n: ShardWriter(tmp / n, schema, opts) for n in names}
+        rejected, first, unknown = 0, [], np.zeros(len(fields), np.int64)
         with open(tmp / "rejected.tsv", "w") as rej:
             rej.write("line\treason\n")
-            for block in iter_parsed(src, fmt, _detect_header(src, fmt)):
+            for block in iter_parsed(src, fmt, header):
                 rejected += len(block.rejects)
+                first += block.rejects[: 3 - len(first)]
                 rej.writelines(f"{ln}\t{why}\n" for ln, why in block.rejects)
                 ids = encode_tokens(block.raw.select(exprs), vocabs)
-                w.write(_to_arrow(ids, block.raw[fmt.label], schema))
-        info = w.close()
-        meta = {"encoded_with": str(data_dir), "spec_sha256": hashlib.sha256(
-            (Path(data_dir) / "spec.json").read_bytes()).hexdigest(), "rows": info["rows"], "rejected_rows": rejected,
-            "files": info["files"]}
-        (tmp / "encoded.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return {"rows": info["rows"], "rejected": rejected, "output": str(out)}
+                unknown += ids.select((pl.all() == 0).sum()).to_numpy().reshape(-1).astype(np.int64)
+                table = _to_arrow(ids, block.raw[fmt.label], schema)
+                s_ = labels[block.lines - 1 - int(header)]
+                for k, n in enumerate(SPLITS):
+                    if n in writers:
+                        writers[n].write(table.take(np.flatnonzero(s_ == k)) if len(names) > 1 else table)
+        err = _too_many_rejects(src, rejected, n_data, first, max_reject_fraction, what)
+        if err is not None:
+            raise err
+        splits = {n: w.close() for n, w in writers.items()}
+        rows = sum(v["rows"] for v in splits.values())
+        rate = {f: round(float(u) / max(rows, 1), 6) for f, u in zip(fields, unknown)}
+        out_spec = {
+            **{k: v for k, v in spec.items() if k not in ("splits", "rejected_rows", "input", "unknown_rate")},
+            "options": {**spec["options"], "split": split, "seed": opts.seed},
+            "splits": splits,
+            "rejected_rows": rejected,
+            "input": {"name": src.name, "bytes": size, "sha256": sha, "lines": n_lines, "header": header},
+            "encoded_with": {"data_dir": str(vocab_dir.resolve()),
+                             "spec_sha256": hashlib.sha256((vocab_dir / "spec.json").read_bytes()).hexdigest()},
+            "unknown_rate": rate,
+            "recscale_version": __version__,
+        }
+        (tmp / "spec.json").write_text(json.dumps(out_spec, indent=2) + "\n")
+    summary = {"rows": {n: v["rows"] for n, v in splits.items()}, "rejected": rejected, "output": str(out),
+               "unknown_rate": rate}
+    overall = float(unknown.sum()) / max(rows * len(fields), 1)
+    if overall > UNKNOWN_WARNING:
+        worst = sorted(rate.items(), key=lambda kv: -kv[1])[:5]
+        summary["warning"] = (
+            f"{overall:.1%} of the values of {src} are unknown to the vocabulary of {vocab_dir} (per field: "
+            + ", ".join(f"{f} {r:.1%}" for f, r in worst) + ", ...; all in spec.json's unknown_rate): is the input "
+            "from the same source as the data that vocabulary was prepared from?")
+    return summary

@@ -1,5 +1,7 @@
 """`recscale analyze`: recompute every diagnostic for a finished run's best checkpoint on its validation data, and log
-the results into that run (metrics ``diag/...`` at the checkpoint's step, artifacts under ``diagnostics/analyze-stepN``).
+the results into that run: headline metrics ``diag/...`` at the checkpoint's step, artifacts under
+``diagnostics/analyze-stepN``, and, as the best checkpoint's diagnostics (contract C3), ``diag_best/*``, the tag
+``best_step`` and ``diagnostics/best/values.json`` (replacing what the fit logged, e.g. with another sample size).
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ def _best_checkpoint(client, run_id: str, into: Path) -> Path:
 
 def analyze(run_id: str | None = None, ckpt: str | None = None, data_dir: str | None = None,
             tracking_uri: str | None = None, sample_rows: int = 50_000, normalize_rows: bool = False,
-            output: str | None = None) -> dict:
+            output: str | None = None, gradient_mode: str = "train") -> dict:
     from lightning.pytorch.loggers import MLFlowLogger
     from mlflow.tracking import MlflowClient
 
     from recscale.data.datamodule import CTRDataModule, sample_split
-    from recscale.diagnostics.callback import log_report, write_report
+    from recscale.diagnostics.callback import log_best, log_report, write_report
     from recscale.diagnostics.compute import Options, compute_report
     from recscale.models.module import CTRModel
     from recscale.tracking import default_tracking_uri
@@ -68,13 +70,16 @@ def analyze(run_id: str | None = None, ckpt: str | None = None, data_dir: str | 
             raise PrepareError(f"{data_dir} does not match the checkpoint's vocabulary sizes: pass the run's --data")
         x, y = sample_split(dm.units("valid"), dm.fields, sample_rows)
         report = compute_report(model, (torch.from_numpy(x), torch.from_numpy(y)),
-                                Options(normalize_rows=normalize_rows), dm.fields)
+                                Options(normalize_rows=normalize_rows, gradient_mode=gradient_mode,
+                                        title=f"step {step}"), dm.fields)
         if output:
             write_report(report, Path(output))
         if run_id:
             logger = MLFlowLogger(tracking_uri=uri, run_id=run_id)
             log_report([logger], report, step, f"diagnostics/analyze-step{step:08d}")
-    keys = ["ia/mean", "ia_set/mean", "diversity/mean", "sub_ia/correlation_factor", "rankme/embeddings",
-            "rankme/gradients"]
+            if not ckpt:  # the run's own best checkpoint
+                log_best([logger], report.metrics, step)
+    keys = ["ia/mean", "ia_set/mean", "diversity/mean", "diversity_se_split/mean", "sub_ia/correlation_factor",
+            "rankme/embeddings", "rankme/gradients"]
     return {"checkpoint": str(path if ckpt else "best checkpoint of the run"), "step": step,
             **{k: round(report.metrics[k], 4) for k in keys if k in report.metrics}}

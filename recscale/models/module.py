@@ -6,6 +6,7 @@ Scale (ICML 2024 App. C.2): at scale k, SE uses one set of size ``k * base_dim``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -22,15 +23,24 @@ from recscale.models.backbones import ConfigError
 class SetEmbedding(nn.Module):
     """All fields' tables in one ``(sum_i |V_i|, M * D)`` matrix: one lookup gives every set of every field.
 
-    Set m of field i is ``weight[offset_i : offset_i + |V_i|, m*D : (m+1)*D]``. Initialised N(0, std^2).
+    Set m of field i is ``weight[offset_i : offset_i + |V_i|, m*D : (m+1)*D]``. Initialisation (``init``):
+      - ``"xavier_uniform"`` (default; the ICML 2024 reference ``FeaturesEmbedding``: ``xavier_uniform_`` over each
+        set's whole ``(sum_i |V_i|, D)`` table): U(+-sqrt(6 / (sum_i |V_i| + D))), std about 1.36e-3 on Criteo at D = 10;
+      - ``"normal"``: N(0, init_std^2), FuxiCTR's default ``normal_(std=1e-4)`` (the SIGIR 2026 recipe).
     """
 
     def __init__(self, field_dims: list[int], dim: int, num_sets: int, init_std: float = 1e-4,
-                 sparse_grad: bool = True):
+                 sparse_grad: bool = True, init: Literal["xavier_uniform", "normal"] = "xavier_uniform"):
         super().__init__()
         self.field_dims, self.dim, self.num_sets = list(field_dims), dim, num_sets
         self.weight = nn.Parameter(torch.empty(sum(field_dims), num_sets * dim))
-        nn.init.normal_(self.weight, 0.0, init_std)
+        if init == "xavier_uniform":
+            bound = math.sqrt(6.0 / (sum(field_dims) + dim))  # each set's table: fan_in D, fan_out sum|V|
+            nn.init.uniform_(self.weight, -bound, bound)
+        elif init == "normal":
+            nn.init.normal_(self.weight, 0.0, init_std)
+        else:
+            raise ConfigError(f"model.embedding_init must be 'xavier_uniform' or 'normal', got {init!r}")
         offsets = torch.tensor([0, *field_dims[:-1]]).cumsum(0)
         self.register_buffer("offsets", offsets, persistent=False)
         self.sparse_grad = sparse_grad
@@ -80,18 +90,34 @@ class CTRModel(L.LightningModule):
         mode: ``SE`` (one set of size ``scale * base_dim``) or ``ME`` (``scale`` sets of size ``base_dim``).
         scale: model-size factor (1, 2, 3, 4, 10 in the papers).
         lr, weight_decay: Adam, weight decay (L2 added to the gradient) on all parameters (ICML 2024 App. C.2).
-        embedding_init_std: std of the normal initialisation of the embedding tables.
+        embedding_init: ``"xavier_uniform"`` (default, the ICML 2024 reference) or ``"normal"`` (FuxiCTR's, the SIGIR 2026
+            recipe); see ``SetEmbedding``.
+        embedding_init_std: std of the ``"normal"`` initialisation (FuxiCTR: 1e-4).
+        embedding_l2: FuxiCTR's ``embedding_regularizer``: ``embedding_l2 / 2 * ||E||_F^2`` over the whole embedding
+            table (every row, not only the rows looked up in the batch) added to the training loss, as FuxiCTR's
+            ``regularization_loss`` does for its ``nn.Embedding`` weights (SIGIR 2026 recipe: 1e-5 Criteo_x1). 0: off
+            (ICML 2024 uses Adam's weight decay on all parameters instead).
+        recipe: a label of the training recipe the config follows (``icml24``, or ``sigir26`` set by
+            configs/recipe/); saved with the hyperparameters and written as the MLflow tag ``recipe``.
         fused_adam: use torch's fused Adam kernel (the same update in one pass over each tensor; for 1M-row tables the
             optimizer step dominates a training step on the CPU). ``False`` gives torch's default implementation.
         sparse_embedding_grad: build the table's gradient from the looked-up rows only (see
             ``SetEmbedding.densify_grad``); the same update, without zero-filling the whole table every step.
             Switched off automatically under multi-process training (DDP reduces dense gradients).
+        compile: run the backbone through ``torch.compile`` (``nn.Module.compile``: parameter names, checkpoints and
+            diagnostics are unchanged; the first steps pay the compilation). Needs a C++ compiler on the CPU, Triton
+            on GPUs. Logits are the eager ones to float rounding (tests/test_precision.py).
+
+    Logits are returned in float32 whatever the precision (under ``bf16-mixed`` the head's last product is bf16), so
+    the loss, AUC and logloss are float32 computations in every precision.
     """
 
     def __init__(self, backbone: Callable[[int, int, int], nn.Module], field_dims: list[int] | None = None,
                  base_dim: int = 10, mode: Literal["SE", "ME"] = "SE", scale: int = 1, lr: float = 1e-3,
                  weight_decay: float = 1e-6, embedding_init_std: float = 1e-4, fused_adam: bool = True,
-                 sparse_embedding_grad: bool = True):
+                 sparse_embedding_grad: bool = True,
+                 embedding_init: Literal["xavier_uniform", "normal"] = "xavier_uniform", embedding_l2: float = 0.0,
+                 recipe: str = "icml24", compile: bool = False):
         super().__init__()
         if not field_dims:
             raise ConfigError("model.field_dims is empty: it is linked from the data spec (data.data_dir); "
@@ -103,9 +129,17 @@ class CTRModel(L.LightningModule):
         self.save_hyperparameters(logger=False)
         self.num_sets = scale if mode == "ME" else 1
         self.embed_dim = base_dim if mode == "ME" else base_dim * scale
+        if embedding_l2 < 0:
+            raise ConfigError(f"model.embedding_l2 must be >= 0, got {embedding_l2}")
         self.embedding = SetEmbedding(field_dims, self.embed_dim, self.num_sets, embedding_init_std,
-                                      sparse_embedding_grad)
+                                      sparse_embedding_grad, embedding_init)
         self.backbone = backbone(len(field_dims), self.embed_dim, self.num_sets)
+        if compile:
+            self.backbone.compile()
+        # first-order term sum_i w_{x_i} for backbones that ask for it (FFM): one scalar per id, nn.Embedding's N(0, 1)
+        self.first_order = None
+        if getattr(self.backbone, "first_order", False):
+            self.first_order = nn.Parameter(torch.randn(sum(field_dims), 1))
         self.metrics = nn.ModuleDict({
             f"{stage}_{name}": metric
             for stage in ("val", "test")
@@ -114,18 +148,26 @@ class CTRModel(L.LightningModule):
 
     # ------------------------------------------------------------------ sizes
     def parameter_counts(self) -> dict[str, int]:
-        emb = self.embedding.weight.numel()
+        emb = self.embedding.weight.numel() + (self.first_order.numel() if self.first_order is not None else 0)
         total = sum(p.numel() for p in self.parameters())
         return {"embedding": emb, "dense": total - emb}
 
     # ------------------------------------------------------------------ steps
     def forward(self, ids: Tensor) -> Tensor:
-        return self.backbone(self.embedding(ids))
+        logits = self.backbone(self.embedding(ids)).float()  # float32 logits under mixed precision too (no-op in fp32)
+        if self.first_order is not None:
+            logits = logits + F.embedding(ids + self.embedding.offsets, self.first_order).sum((1, 2))
+        return logits
 
     def loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        """BCE with logits, plus the backbone's ``regularization()`` if it has one, plus the embedding L2 term."""
         loss = F.binary_cross_entropy_with_logits(logits, y)
         reg = getattr(self.backbone, "regularization", None)
-        return loss + reg() if reg is not None else loss
+        if reg is not None:
+            loss = loss + reg()
+        if self.hparams.get("embedding_l2", 0.0) > 0:
+            loss = loss + 0.5 * self.hparams.embedding_l2 * self.embedding.weight.pow(2).sum()
+        return loss
 
     def training_step(self, batch, batch_idx):
         x, y = batch
