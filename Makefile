@@ -15,7 +15,7 @@ NEED_INSTALL = $(if $(RECSCALE),,install)
 RECSCALE_BIN = $(or $(RECSCALE),$(VENV)/bin/recscale)
 MLFLOW_BIN = $(or $(MLFLOW),$(VENV)/bin/mlflow)
 
-.PHONY: install demo test test-all bench clean-demo grid grid-sigir grid-data-fraction grid-roblock grid-roblock-ablation \
+.PHONY: install demo test test-slow test-all bench clean-demo grid grid-sigir grid-data-fraction grid-roblock grid-roblock-ablation \
 	mlflow report slurm-up slurm-down
 
 install: $(VENV)/.recscale-installed
@@ -36,10 +36,15 @@ demo: install
 		--trainer.max_epochs 3 --trainer.logger.init_args.run_name demo-dcnv2-me10x
 	@echo "Runs are in the local MLflow store: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db"
 
+# the default suite, two worker processes (pytest-xdist) on two cores: under 10 minutes
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
-# also the slow tests (marked `slow`)
+# only the tests marked `slow` (each over ~10 s: heavy config smoke runs, DDP, the real-SLURM grid); CI runs them too
+test-slow: install
+	$(PY) -m pytest -q -m "slow and not gpu"
+
+# everything this machine can run (the `gpu` tests skip without CUDA)
 test-all: install
 	$(PY) -m pytest -q -m ""
 
@@ -88,8 +93,9 @@ grid-roblock: $(NEED_INSTALL)
 grid-roblock-ablation: $(NEED_INSTALL)
 	$(GRID) roblock-ablation $(if $(AT),--at "$(AT)") $(if $(KS),--ks "$(KS)") $(EXTRA)
 
+# make report [DATASET=avazu] [FILTER="model=DCNv2 mode=ME"] (each TAG=VALUE becomes a --filter)
 report: $(NEED_INSTALL)
-	$(RECSCALE_BIN) report --dataset $(DATASET)
+	$(RECSCALE_BIN) report --dataset $(DATASET) $(foreach f,$(FILTER),--filter $(f))
 
 # ---------------------------------------------------------------- a local MLflow tracking server
 MLFLOW_PORT ?= 5000

@@ -425,7 +425,16 @@ def log_dataset(client, run_id: str, spec: dict, data_dir: str) -> None:
     ds = Dataset(name=f"{spec.get('dataset', 'data')}-{spec.get('protocol', '?')}",
                  digest=data_checksum(spec).removeprefix("spec:")[:16], source_type="local", source=data_dir,
                  profile=json.dumps({"rows": rows}))
-    client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", "training")])])
+    inputs = [DatasetInput(ds, tags=[InputTag("mlflow.data.context", "training")])]
+    for attempt in range(3):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except Exception as e:  # parallel cells logging the same new dataset race on its UNIQUE row in the store: the
+            if attempt == 2:  # loser's retry finds the row and only links it. The dataset column is a convenience:
+                print(f"recscale: warning: could not record the dataset input of run {run_id} "  # never fail a run
+                      f"({e.__class__.__name__}); the data checksum is in the tag data_checksum", file=sys.stderr)
+            time.sleep(0.2 * (attempt + 1))
 
 
 class TrackRun(SaveConfigCallback):

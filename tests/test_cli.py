@@ -16,14 +16,6 @@ SCALES = sorted((CONFIGS / "scale").glob("*.yaml"))
 DATA = sorted((CONFIGS / "data").glob("*.yaml"))
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
-    return uri
-
-
 def fit(*args: str, data_dir: Path, extra=()):
     return cli_main(["fit", *args, f"--data.data_dir={data_dir}", "--data.batch_size=512", "--data.num_workers=0",
                      "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *extra])

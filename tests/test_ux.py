@@ -72,14 +72,6 @@ def test_one_line_error_keeps_what_it_does_not_know():
 
 
 # ------------------------------------------------------------------------------------------------ runs in MLflow
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
-    return uri
-
-
 def tiny_fit(data_dir, *extra):
     from recscale.train import cli_main
 
