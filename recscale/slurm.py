@@ -178,8 +178,9 @@ class CellTask(submitit.helpers.Checkpointable):
     fit save ``last.ckpt`` and stop, and hands itself back to submitit for requeueing."""
 
     def __init__(self, name: str, argv: list[str], cwd: str, log: str, ckpt_dir: str, tracking_uri: str,
-                 stop_timeout_s: float = 100.0):
+                 stop_timeout_s: float = 100.0, parent_run_id: str | None = None):
         self.name, self.argv, self.cwd, self.log = name, list(argv), cwd, log
+        self.parent_run_id = parent_run_id
         self.ckpt_dir, self.tracking_uri, self.stop_timeout_s = ckpt_dir, tracking_uri, stop_timeout_s
         self._proc: subprocess.Popen | None = None
         self._rc: int | None = None
@@ -208,7 +209,9 @@ class CellTask(submitit.helpers.Checkpointable):
             f.flush()
             self._rc = None
             self._proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=self.cwd,
-                                          env={**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri})
+                                          env={**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri,
+                                               **({"RECSCALE_PARENT_RUN_ID": self.parent_run_id}  # PARENT_RUN_ENV
+                                                  if self.parent_run_id else {})})
             rc = self._wait(None)
         if rc != 0:
             stopped = rc in (128 + signal.SIGTERM, 128 + signal.SIGUSR1)
@@ -324,7 +327,7 @@ def final_states(job_ids: list[str]) -> dict[str, str]:
 def submit_grid(cells, extra: list[str], opts: SlurmOptions, uri: str, experiment: str, log_dir: str,
                 dry_run: bool = False, wait: bool = False) -> dict:
     """Submit the cells not yet FINISHED in MLflow (nor queued/running in SLURM) as one job array."""
-    from recscale.grid import finished_hashes
+    from recscale.grid import end_parent_run, finished_hashes, start_parent_run
     from recscale.tracking import ensure_experiment
 
     extra = [*extra, *opts.fit_overrides()]
@@ -370,7 +373,8 @@ def submit_grid(cells, extra: list[str], opts: SlurmOptions, uri: str, experimen
     if not todo:
         return {"total": len(cells), "skipped": len(skipped), "in_queue": len(in_queue), "submitted": 0,
                 "jobs": [], "failed": []}
-    ensure_experiment(uri, experiment)  # once, before cells start in parallel
+    exp_id = ensure_experiment(uri, experiment)  # once, before cells start in parallel
+    parent = start_parent_run(uri, exp_id, cells, len(todo), len(skipped))  # the cells become its child runs
     (logs / "slurm").mkdir(parents=True, exist_ok=True)
     try:
         executor = submitit.SlurmExecutor(folder=logs / "slurm" / "%j", max_num_timeout=opts.max_timeouts)
@@ -380,7 +384,8 @@ def submit_grid(cells, extra: list[str], opts: SlurmOptions, uri: str, experimen
     executor.update_parameters(**params)
     cwd = os.getcwd()
     tasks = [CellTask(c.name, fit_argv(c, extra, experiment), cwd, str(logs / f"{c.name}.log"), str(ckpt), uri,
-                      stop_timeout_s=max(10.0, opts.signal_delay_s - 20.0)) for c, _, ckpt in todo]
+                      stop_timeout_s=max(10.0, opts.signal_delay_s - 20.0), parent_run_id=parent)
+             for c, _, ckpt in todo]
     try:
         with executor.batch():
             jobs = [executor.submit(t) for t in tasks]
@@ -392,6 +397,9 @@ def submit_grid(cells, extra: list[str], opts: SlurmOptions, uri: str, experimen
             f.write(json.dumps({"job_id": j.job_id, "cell": c.name, "config_hash": h, "log": str(logs / f"{c.name}.log"),
                                 "submitted": now, "experiment": experiment, "tracking_uri": uri}) + "\n")
     array = jobs[0].job_id.split("_")[0]
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).set_tag(parent, "slurm_array_job_id", array)
     print(f"grid: submitted {len(jobs)} cell(s) as SLURM job {array} ({job_name}); {asks}\n"
           f"  cell logs: {logs}/CELL.log; submitit files: {logs / 'slurm' / array}*\n"
           f"  progress: the same `recscale grid` command with --status (or squeue -j {array})", flush=True)
@@ -407,6 +415,11 @@ def submit_grid(cells, extra: list[str], opts: SlurmOptions, uri: str, experimen
         res["failed"] = [c for c, s in st["cells"].items() if s["state"] != "finished"]
         print(f"grid: all submitted cells left the queue: {len(todo) - len(res['failed'])} finished, "
               f"{len(res['failed'])} not", flush=True)
+        end_parent_run(uri, parent, res["failed"])
+    else:  # the parent run records the submission; the cells' own runs (its children) say how each one ends
+        MlflowClient(uri).set_tag(parent, "note", f"submission only: the cells run as SLURM job array {array}; "
+                                  "progress: the same recscale grid command with --status")
+        end_parent_run(uri, parent, [])
     return res
 
 

@@ -224,8 +224,12 @@ def test_grid_on_slurm(sample_cwd):
     array = {m["job_id"].split("_")[0] for m in manifest}
     assert len(manifest) == 4 and len(array) == 1  # one job array
     client = MlflowClient(store)
-    runs = client.search_runs([client.get_experiment_by_name("slurm").experiment_id])
+    every = client.search_runs([client.get_experiment_by_name("slurm").experiment_id])
+    parents = [r for r in every if r.data.tags.get("recscale.kind") == "grid"]
+    runs = [r for r in every if r.data.tags.get("recscale.kind") != "grid"]
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    assert len(parents) == 1 and parents[0].data.tags["slurm_array_job_id"] == next(iter(array))  # the grid's parent run
+    assert all(r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id for r in runs)
     assert {r.data.tags["config_hash"] for r in runs} == {m["config_hash"] for m in manifest}
     by_hash = {m["config_hash"]: m for m in manifest}
     for r in runs:
@@ -275,7 +279,8 @@ def test_cell_signalled_by_slurm_is_requeued_and_finishes_in_the_same_run(sample
     text = log.read_text()
     assert "received SIGUSR1" in text and "(restart 1)" in text and "resuming MLflow run" in text, text[-4000:]
     client = MlflowClient(store)
-    runs = client.search_runs([client.get_experiment_by_name("preempt").experiment_id])
+    runs = [r for r in client.search_runs([client.get_experiment_by_name("preempt").experiment_id])
+            if r.data.tags.get("recscale.kind") != "grid"]  # the cell's run, not the grid's parent run
     assert len(runs) == 1, "the requeued cell continued its run instead of starting another"
     run = runs[0]
     assert run.info.status == "FINISHED", text[-4000:]
