@@ -249,7 +249,7 @@ def test_grid_on_slurm(sample_cwd):
     assert rep.returncode == 0, rep.stderr[-2000:]
     rows = {(r["model"], r["mode"], r["scale"]): r for r in csv.DictReader(open(sample_cwd / "report" /
                                                                                 "icml24_table1.csv"))}
-    assert all(rows[(m, mode, "2")]["runs"] == "1" for m in ("DNN", "DCNv2") for mode in ("SE", "ME"))
+    assert all(rows[(m, mode, "2")]["n"] == "1" for m in ("DNN", "DCNv2") for mode in ("SE", "ME"))
 
 
 @needs_slurm
