@@ -258,11 +258,13 @@ def test_grid_on_slurm(sample_cwd):
 def test_cell_signalled_by_slurm_is_requeued_and_finishes_in_the_same_run(sample_cwd):
     """`scancel --signal=USR1` mid-run: the fit saves last.ckpt, submitit requeues the task, the requeued task resumes
     from last.ckpt into the same MLflow run, which ends FINISHED with every epoch."""
+    EPOCHS = 15
     store = f"sqlite:///{sample_cwd / 'm.db'}"
     args = ["icml24", "--dataset", "criteo_sample", "--models", "dnn", "--modes", "SE", "--scales", "2", "--seeds",
             "1", "--experiment", "preempt", "--tracking-uri", store, *CPU_CELL,
             *[a for a in FAST if not a.startswith(("--trainer.max_epochs", "--trainer.limit_train_batches"))],
-            "--trainer.max_epochs=3", "--trainer.limit_train_batches=6"]
+            # long enough that the signal sent after the first epoch lands mid-run on a fast idle machine too
+            f"--trainer.max_epochs={EPOCHS}", "--trainer.limit_train_batches=6", "--early_stopping.patience=1000"]
     p = grid(args, sample_cwd, timeout=600)
     assert p.returncode == 0 and "submitted 1 cell(s)" in p.stdout, p.stdout + p.stderr
     logs = sample_cwd / "outputs" / "grid"
@@ -286,6 +288,6 @@ def test_cell_signalled_by_slurm_is_requeued_and_finishes_in_the_same_run(sample
     assert run.info.status == "FINISHED", text[-4000:]
     assert run.info.run_id == json.loads((ckdir / "mlflow_run.json").read_text())["run_id"]
     assert run.data.tags["slurm_restart_count"] == "1" and run.data.tags["slurm_job_id"].isdigit()
-    assert len({m.step for m in client.get_metric_history(run.info.run_id, "val/auc")}) == 3
+    assert len({m.step for m in client.get_metric_history(run.info.run_id, "val/auc")}) == EPOCHS
     st = grid(args + ["--status"], sample_cwd, timeout=600)
     assert "1 cells: 1 finished" in st.stdout, st.stdout + st.stderr
