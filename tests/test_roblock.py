@@ -154,6 +154,35 @@ def test_unbiased_estimator_mean_over_draws():
 
 
 # ---------------------------------------------------------------------------------------------- router
+def test_factorized_router_is_field_mix_times_within_field_gates():
+    """``factorized``: the full gate over all M F K candidates is Omega_{h,f,f'} beta_{h,f',(m,k)} (a distribution per
+    output field and head), the output is that gate applied to the candidates (the dense router's formula), and beta
+    is the within-field router's gate; a naive loop over heads, fields and candidates checks the output."""
+    torch.manual_seed(1)
+    M, H, B, F, K, D = 2, 3, 16, 4, 2, 5
+    r = FieldRouter(M, H, F, D, K, "factorized")
+    w = FieldRouter(M, H, F, D, K, "within_field")
+    with torch.no_grad():
+        r.c.normal_(), r.omega.normal_()
+        w.U.copy_(r.U), w.c.copy_(r.c)
+    y, c = torch.randn(M, B, F, D), torch.randn(M, B, F, K, D)
+    g = r.gates(y)
+    assert g.shape == (B, F, H, M * F * K) and (g >= 0).all()
+    torch.testing.assert_close(g.sum(-1), torch.ones(B, F, H))
+    out = r(y, c)
+    cand = c.permute(1, 0, 2, 3, 4).reshape(B, M * F * K, D)
+    torch.testing.assert_close(out, torch.matmul(g.reshape(B, F * H, -1), cand).view(B, F, H, D).permute(2, 0, 1, 3))
+    beta, omega = w.gates(y), torch.softmax(r.omega, -1)  # (B, F', H, M K), (H, F, F')
+    for h in range(H):
+        for f in range(F):
+            want = sum(omega[h, f, fp] * beta[:, fp, h, m * K + k, None] * c[m, :, fp, k]
+                       for fp in range(F) for m in range(M) for k in range(K))
+            torch.testing.assert_close(out[h, :, f], want, rtol=1e-5, atol=1e-6)
+    # at init Omega is half the field itself, half the mean of the others
+    torch.testing.assert_close(FieldRouter(M, H, F, D, K, "factorized").field_mix()[0],
+                               torch.full((F, F), 0.5 / (F - 1)).fill_diagonal_(0.5))
+
+
 @pytest.mark.parametrize("variant", ["dynamic", "within_field", "static"])
 def test_router_gates_sum_to_one_and_match_a_naive_loop(variant):
     torch.manual_seed(0)
@@ -469,3 +498,55 @@ def test_fused_router_equals_the_autograd_router(heads, sets):
     for a, b in [(ins[0].grad, ins_ref[0].grad), (ins[1].grad, ins_ref[1].grad), (r.U.grad, ref.U.grad),
                  (r.c.grad, ref.c.grad)]:
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+FUSED_CASES = [
+    dict(),  # the configs' components: rank-1 rebalancing, linear decoupler, dynamic router
+    dict(router="factorized"),
+    dict(router="within_field", rebalance="center", hsic_normalized=False),
+    dict(router="factorized", decoupler="orth_split", rebalance_rank=2),
+    dict(router="dynamic", router_temperature=0.5, share_decoupler_across_fields=True),
+    dict(router="none", rebalance="none"),
+    dict(router="factorized", decoupler="none"),
+]
+
+
+@pytest.mark.parametrize("kw", FUSED_CASES)
+@pytest.mark.parametrize("sets,heads", [(1, 1), (2, 2), (1, 3)])
+def test_fused_block_equals_the_component_modules(kw, sets, heads):
+    """``RoBlock.fused_tail`` (one Gram, one batched matmul, HSIC from A^T G_c A) is the modules' map rearranged:
+    same outputs, HSIC term, gradients of the input and every parameter, and running statistics, in training and in
+    eval. float64 so that only the summation order differs (1e-9)."""
+    if kw.get("router") == "none" and heads != sets:
+        pytest.skip("router=none keeps the input sets (a ConfigError, tested elsewhere)")
+    torch.manual_seed(7)
+    M, B, F, D = sets, 40, 5, 6
+    fast = RoBlock(M, heads, F, D, components=3, n_power=2, **kw).double()
+    with torch.no_grad():
+        for p in fast.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    slow = copy.deepcopy(fast)
+    slow.fused = False
+    x = dominant(B=B, D=D, M=M, F=F, seed=3).double()
+    x0 = torch.randn(M, B, F, D, dtype=torch.float64)
+    for train in (True, False):
+        fast.train(train), slow.train(train)
+        xf, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+        assert fast.fusable(train) and not slow.fusable(train)
+        (yf, hf), (ys, hs) = fast(xf, x0, want_hsic=train), slow(xs, x0, want_hsic=train)
+        torch.testing.assert_close(yf, ys, rtol=1e-9, atol=1e-9)
+        if hs is None:
+            assert hf is None
+        else:
+            torch.testing.assert_close(hf, hs, rtol=1e-9, atol=1e-12)
+        g = torch.randn_like(yf)
+        fast.zero_grad(), slow.zero_grad()
+        ((yf * g).sum() + (0 if hf is None else 0.3 * hf)).backward()
+        ((ys * g).sum() + (0 if hs is None else 0.3 * hs)).backward()
+        torch.testing.assert_close(xf.grad, xs.grad, rtol=1e-9, atol=1e-10)
+        for (n, pf), (_, ps) in zip(fast.named_parameters(), slow.named_parameters()):
+            assert (pf.grad is None) == (ps.grad is None), n
+            if pf.grad is not None:
+                torch.testing.assert_close(pf.grad, ps.grad, rtol=1e-8, atol=1e-10, msg=n)
+        for (n, bf), (_, bs) in zip(fast.named_buffers(), slow.named_buffers()):
+            torch.testing.assert_close(bf, bs, rtol=1e-9, atol=1e-12, msg=n)

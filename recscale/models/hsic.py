@@ -56,9 +56,16 @@ def linear_hsic_pairs(c: Tensor, normalized: bool = True, eps: float = 1e-12) ->
     *lead, n, K, D = c.shape
     x = c.reshape(*lead, n, K * D)
     x = x - x.mean(-2, keepdim=True)
-    S = gram(x).view(*lead, K, D, K, D)
-    q = S.pow(2).sum((-1, -3))  # (..., K, K): ||S_kj||_F^2
-    i, j = pair_index(K, c.device)
+    return linear_hsic_from_gram(gram(x), K, n, normalized, eps)
+
+
+def linear_hsic_from_gram(S: Tensor, K: int, n: int, normalized: bool = True, eps: float = 1e-12) -> Tensor:
+    """``linear_hsic_pairs`` from the Gram ``S = X_c^T X_c`` (..., K*D, K*D) of the n centred, concatenated components
+    (component-major columns) -> (..., K(K-1)/2). RoBlock's fused path forms S as ``A^T (X_c^T X_c) A`` when the
+    components are an affine map ``C = X A + a`` of the block input (centring removes ``a``)."""
+    D = S.shape[-1] // K
+    q = S.reshape(*S.shape[:-2], K, D, K, D).pow(2).sum((-1, -3))  # (..., K, K): ||S_kj||_F^2
+    i, j = pair_index(K, S.device)
     if normalized:
         d = q.diagonal(dim1=-2, dim2=-1)
         return q[..., i, j] / (d[..., i] * d[..., j]).clamp_min(eps).sqrt()

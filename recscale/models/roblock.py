@@ -28,7 +28,13 @@ import torch.nn.functional as Fn
 from torch import Tensor, nn
 
 from recscale.models.dhen import MODULES, DHENLayer
-from recscale.models.hsic import decorrelation_penalty, kernel_hsic_pairs, linear_hsic_pairs
+from recscale.models.hsic import (
+    decorrelation_penalty,
+    gram,
+    kernel_hsic_pairs,
+    linear_hsic_from_gram,
+    linear_hsic_pairs,
+)
 from recscale.models.layers import SetLinear, Tower, flatten
 
 
@@ -91,7 +97,14 @@ class RankOneRebalance(nn.Module):
         mean = x.mean(1) if self.center else x.new_zeros(x.shape[0], x.shape[2], D)
         if self.center:
             G = G - B * mean.unsqueeze(-1) * mean.unsqueeze(-2)
-        V = self.v.to(x.dtype)
+        return self.gram_statistics(G, mean)
+
+    @torch.no_grad()
+    def gram_statistics(self, G: Tensor, mean: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The statistics from the D x D Gram ``G`` (M, F, D, D) of the matrix the update acts on (``X^T X``, or the
+        centred Gram with ``center``); ``mean`` (M, F, D) is passed through. Advances the power buffer."""
+        D = G.shape[-1]
+        V = self.v.to(G.dtype)
         for _ in range(self.n_power):
             V = self._orthonormal(torch.matmul(G, V))
         self.v.copy_(V)
@@ -104,6 +117,22 @@ class RankOneRebalance(nn.Module):
         y2 = total + ((s.pow(2) - 1) * sig2).sum(-1)
         rho = torch.where(y2 > self.eps, (total / y2.clamp_min(self.eps)).sqrt(), torch.ones_like(y2))
         return V, s, rho, mean
+
+    def statistics(self, G: Tensor | None, mean: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Batch statistics from a Gram in training (running statistics updated), the running ones in eval."""
+        if not self.training:
+            return self.running_v, self.running_s, self.running_rho, self.running_mean
+        stats = self.gram_statistics(G, mean)
+        self._update_running(*stats)
+        return stats
+
+    def affine(self, V: Tensor, s: Tensor, rho: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+        """The whole map as ``out = x T + t0``: T (M, F, D, D) and t0 (M, F, D) (zero unless ``center``:
+        ``(x - m) T + m gamma = x T + (m gamma - m T)``)."""
+        T = self.matrix(V, s, rho)
+        if not self.center:
+            return T, T.new_zeros(()).expand(T.shape[:-1])
+        return T, mean * self.gain - torch.matmul(mean.unsqueeze(-2), T).squeeze(-2)
 
     def _rank1_statistics(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The rank-1, uncentred statistics from passes over x itself (no Gram, no per-field matmul): the same
@@ -194,6 +223,19 @@ class Decoupler(nn.Module):
     def rotation(self) -> Tensor:  # (M, F, D, D) in SO(D)
         return torch.linalg.matrix_exp(self.skew - self.skew.transpose(-1, -2))
 
+    def affine(self, sets: int, fields: int) -> tuple[Tensor, Tensor] | None:
+        """The map as ``vec_k C = y A + a``: A (M, F, D, K*D), a (M, F, K*D) (component-major columns); None with
+        ``act`` (not affine). ``orth_split``: ``A_k = W P_k W^T``, a = 0."""
+        if self.act:
+            return None
+        if self.variant == "linear":
+            return self.weight.expand(sets, fields, -1, -1), self.bias.squeeze(1).expand(sets, fields, -1)
+        W = self.rotation().expand(sets, fields, -1, -1)  # (M, F, D, D)
+        D = W.shape[-1]
+        A = torch.einsum("mfdj,kj,mfej->mfkde", W, self.mask.to(W.dtype), W)  # (M, F, K, D, D): W P_k W^T
+        return A.permute(0, 1, 3, 2, 4).reshape(sets, fields, D, self.K * D), W.new_zeros(()).expand(
+            sets, fields, self.K * D)
+
     def forward(self, y: Tensor) -> Tensor:
         M, B, F, D = y.shape
         if self.variant == "linear":
@@ -262,36 +304,67 @@ class FieldRouter(nn.Module):
 
     [stated]: field-wise, multi-head, dynamic, mixes across fields. The gating form is our reading. Candidates are all
     components ``c = (m, f', k)`` (N = M F K); for output field f and head m':
-    ``g_{m',f} = softmax_c((ybar_f U_f + c_f)_{m'} / T)``, ``ybar_f = mean_m Y_{m,f}`` and
-    ``E'_{m',f} = sum_c g_{m',f,c} C_c``. Variants: ``within_field`` (candidates of field f only, N = M K),
-    ``static`` (input-independent logits ``c_f``; violates "dynamic", an ablation).
-    (M, B, F, D), (M, B, F, K, D) -> (M', B, F, D).
+
+    * ``dynamic`` (the specification's form): ``g_{m',f} = softmax_c((ybar_f U_f + c_f)_{m'} / T)``,
+      ``ybar_f = mean_m Y_{m,f}``, and ``E'_{m',f} = sum_c g_{m',f,c} C_c``. It builds B F M' (M F K) gates per block,
+      quadratic in fields and in sets.
+    * ``factorized`` (our reading; the default of the RoBlock configs): the same gate over all N candidates, factorised
+      into a dynamic field-wise choice of components and a learned cross-field mixing,
+      ``g_{m',f,(m,f',k)} = Omega_{m',f,f'} beta_{m',f',(m,k)}``, ``beta_{m',f'} = softmax_{(m,k)}((ybar_{f'} U_{f'} +
+      c_{f'})_{m'} / T)`` and ``Omega_{m',f} = softmax_{f'}(omega_{m',f})``. Both factors are distributions, so
+      ``g_{m',f}`` sums to 1 over the N candidates; it is input-dependent (through beta, per sample) and mixes across
+      fields (through Omega), and it is linear, not quadratic, in F and M per head: B F M' (M K) gates and one
+      (F x F) mixing per head. ``omega`` starts at ``log(F - 1) I``, so every output field starts half itself, half
+      the mean of the others. Why it is the configs' default: the dense form costs several cross layers per block on
+      the CPU (BENCHMARKS.md, "RoBlock") and grows as (M F)^2, so the width-scaling runs (M = 10: 1.25 G gates per
+      block at batch 2048) would not fit; R4 names "dynamic routing" among RoBlock's costly operations.
+    * ``within_field``: beta alone (Omega = I: candidates of field f only); ``static``: input-independent logits
+      ``c_f`` over all candidates (violates "dynamic"; an ablation).
+
+    (M, B, F, D), (M, B, F, K, D) -> (M', B, F, D); ``mix_fieldmajor`` is the same map on field-major inputs.
     """
+
+    VARIANTS = ("dynamic", "factorized", "within_field", "static")
 
     def __init__(self, sets: int, heads: int, fields: int, dim: int, components: int, variant: str = "dynamic",
                  temperature: float = 1.0):
         super().__init__()
-        if variant not in ("dynamic", "within_field", "static"):
-            raise _config_error(f"router must be 'dynamic', 'within_field', 'static' or 'none', got {variant!r}")
+        if variant not in self.VARIANTS:
+            raise _config_error(f"router must be one of {', '.join(self.VARIANTS)} or 'none', got {variant!r}")
         if temperature <= 0:
             raise _config_error(f"router_temperature must be > 0, got {temperature}")
         self.heads, self.variant, self.temperature = heads, variant, temperature
         self.fused, self.chunk = True, 16  # fused chunked gates (``_RouterMix``); tests switch it off to compare
-        self.n = sets * components * (1 if variant == "within_field" else fields)
+        self.local = variant in ("within_field", "factorized")  # gates over the field's own (set, component) pairs
+        self.n = sets * components * (1 if self.local else fields)
         bound = 1 / math.sqrt(dim)
         self.U = (nn.Parameter(torch.empty(fields, dim, heads * self.n).uniform_(-bound, bound))
                   if variant != "static" else None)
         self.c = nn.Parameter(torch.zeros(fields, heads * self.n))
+        if variant == "factorized":
+            self.omega = nn.Parameter(torch.eye(fields).expand(heads, -1, -1) * math.log(max(fields - 1, 1)))
 
-    def gates(self, y: Tensor) -> Tensor:  # (M, B, F, D) -> (B, F, M', N), rows sum to 1
-        B, F = y.shape[1], y.shape[2]
+    def _params(self) -> tuple[Tensor, Tensor | None]:
         t = 1.0 / self.temperature  # folded into the (small) parameters, not applied to the (B, F, M'N) logits
-        c, U = (self.c, self.U) if t == 1.0 else (self.c * t, None if self.U is None else self.U * t)
-        if U is None:
-            logits = c.expand(B, -1, -1)
-        else:
-            logits = torch.baddbmm(c.unsqueeze(1), y.mean(0).transpose(0, 1), U).transpose(0, 1)
-        return torch.softmax(logits.reshape(B, F, self.heads, self.n), -1)
+        return (self.c, self.U) if t == 1.0 else (self.c * t, None if self.U is None else self.U * t)
+
+    def field_mix(self) -> Tensor:  # (M', F, F'): Omega, rows sum to 1
+        return torch.softmax(self.omega, -1)
+
+    def local_gates(self, yb: Tensor) -> Tensor:  # ybar field-major (F, B, D) -> (F, B, M', n), rows sum to 1
+        c, U = self._params()
+        F, B = yb.shape[:2]
+        logits = c.unsqueeze(1).expand(F, B, -1) if U is None else torch.baddbmm(c.unsqueeze(1), yb, U)
+        return torch.softmax(logits.view(F, B, self.heads, self.n), -1)
+
+    def gates(self, y: Tensor) -> Tensor:  # (M, B, F, D) -> (B, F, M', N) over all candidates, rows sum to 1
+        g = self.local_gates(y.mean(0).transpose(0, 1)).transpose(0, 1)  # (B, F, M', n)
+        if self.variant != "factorized":
+            return g
+        M, B, F, D = y.shape
+        K = self.n // M
+        full = torch.einsum("hgf,bfhmk->bghmfk", self.field_mix(), g.view(B, F, self.heads, M, K))
+        return full.reshape(B, F, self.heads, M * F * K)  # candidate n = (m F + f') K + k
 
     def forward(self, y: Tensor, c: Tensor) -> Tensor:
         M, B, F, K, D = c.shape
@@ -299,14 +372,37 @@ class FieldRouter(nn.Module):
             cand = c.permute(1, 0, 2, 3, 4).reshape(B, M * F * K, D)  # candidate n = (m F + f') K + k
             out = _RouterMix.apply(y.mean(0), self.U, self.c, cand, self.heads, self.chunk)
             return out.view(B, F, self.heads, D).permute(2, 0, 1, 3)
+        if self.local:
+            g = self.local_gates(y.mean(0).transpose(0, 1))  # (F, B, M', M K)
+            cand = c.permute(2, 1, 0, 3, 4).reshape(F, B, M * K, D)  # candidate n = m K + k of field f
+            return self._mix_local(g, cand)
         g = self.gates(y)
-        if self.variant == "within_field":
-            cand = c.permute(1, 2, 0, 3, 4).reshape(B, F, M * K, D)  # candidate n = m K + k of field f
-            out = torch.matmul(g, cand)  # (B, F, M', D)
-        else:
-            cand = c.permute(1, 0, 2, 3, 4).reshape(B, M * F * K, D)  # candidate n = (m F + f') K + k
-            out = torch.matmul(g.view(B, F * self.heads, self.n), cand).view(B, F, self.heads, D)
+        cand = c.permute(1, 0, 2, 3, 4).reshape(B, M * F * K, D)  # candidate n = (m F + f') K + k
+        out = torch.matmul(g.reshape(B, F * self.heads, self.n), cand).view(B, F, self.heads, D)
         return out.permute(2, 0, 1, 3)
+
+    def _mix_local(self, g: Tensor, cand: Tensor) -> Tensor:  # (F, B, M', n), (F, B, n, D) -> (M', B, F, D)
+        R = torch.matmul(g, cand)  # (F, B, M', D): per source field, its components mixed per head
+        if self.variant == "within_field":
+            return R.permute(2, 1, 0, 3)
+        return torch.einsum("hgf,fbhd->hbgd", self.field_mix(), R)
+
+    def mix_fieldmajor(self, yb: Tensor, c: Tensor) -> Tensor:
+        """The router on field-major inputs (RoBlock's fused path): ybar (F, B, D), c (M, F, B, K, D) (views with any
+        row stride) -> (M', B, F, D). Same map as ``forward``; the static variant is not supported here."""
+        M, F, B, K, D = c.shape
+        if self.local:
+            cand = c[0] if M == 1 else c.permute(1, 2, 0, 3, 4).reshape(F, B, M * K, D)
+            return self._mix_local(self.local_gates(yb), cand)
+        cand = c.permute(2, 0, 1, 3, 4).reshape(B, M * F * K, D)
+        q = yb.transpose(0, 1)
+        if self.fused and self.temperature == 1.0:
+            out = _RouterMix.apply(q, self.U, self.c, cand, self.heads, self.chunk)
+        else:
+            cpar, U = self._params()
+            g = torch.softmax(torch.baddbmm(cpar.unsqueeze(1), yb, U).view(F, B, self.heads, self.n), -1)
+            out = torch.matmul(g.transpose(0, 1).reshape(B, F * self.heads, self.n), cand)
+        return out.view(B, F, self.heads, D).permute(2, 0, 1, 3)
 
 
 # ------------------------------------------------------------------------------------- interaction slot
@@ -409,6 +505,7 @@ class RoBlock(nn.Module):
         self.router = (FieldRouter(sets, heads, fields, dim, K, router, router_temperature)
                        if router != "none" else None)
         self.alpha = nn.Parameter(torch.ones(())) if residual == "learnable" else None
+        self.fused = True  # ``fused_tail`` where it applies; tests switch it off to compare with the modules' path
 
     def hsic(self, c: Tensor) -> Tensor:  # (M, B, F, K, D) -> scalar
         M, B, F, K, D = c.shape
@@ -422,8 +519,72 @@ class RoBlock(nn.Module):
         flat = c[:, :n].permute(0, 1, 3, 2, 4).reshape(c.shape[0], n, c.shape[3], F * D)  # (M, n, K, F*D)
         return kernel_hsic_pairs(flat, self.hsic_estimator, self.hsic_normalized).mean()
 
+    def fusable(self, want_hsic: bool) -> bool:
+        """Whether ``forward`` can take the fused path (``fused_tail``): every component between the interaction and
+        the residual is affine in z (or a router on top), and the HSIC is the per-field linear one."""
+        return (self.fused and not (self.prenorm and self.rebalance is not None)
+                and (self.decoupler is None or not self.decoupler.act)
+                and (self.router is None or self.router.variant != "static")
+                and not (want_hsic and (self.hsic_kernel != "linear" or self.hsic_across_sets)))
+
+    def fused_tail(self, z: Tensor, want_hsic: bool, hsic_grad: bool) -> tuple[Tensor, Tensor | None]:
+        """Rebalancing, decoupler, HSIC and router from one pass over z (M, B, F, D) -> (E' (M', B, F, D), HSIC).
+
+        The same map as the component modules, rearranged (our implementation; the tests compare both paths):
+        with ``X = z_{m,f}`` (B x D) per set and field,
+
+        * one centred Gram ``G_c = X_c^T X_c`` (D x D) gives the rebalancing statistics (power iteration on
+          ``G = G_c + B xbar xbar^T``, or on ``G_c`` with ``center``), so rebalancing is the affine map
+          ``Y = X T + t0`` and is never applied on its own;
+        * the decoupler is affine too, ``C = Y A_dec + a_dec = X (T A_dec) + (t0 A_dec + a_dec)``, so Y and C come
+          out of one batched matmul of X with ``[T | T A_dec]``;
+        * linear HSIC needs only the centred Gram of C, ``C_c^T C_c = A^T G_c A`` with ``A = T A_dec``: a
+          (KD x KD) product per field instead of a pass over the (B, K D) components.
+        """
+        M, B, F, D = z.shape
+        xf = z.transpose(1, 2).contiguous()  # field-major (M, F, B, D)
+        dec = (self.decoupler.affine(M, F) if self.decoupler is not None
+               else (torch.eye(D, dtype=z.dtype, device=z.device).expand(M, F, D, D), z.new_zeros(()).expand(M, F, D)))
+        K = self.decoupler.K if self.decoupler is not None else 1
+        want = want_hsic and K > 1
+        Gc = mean = None
+        if (self.rebalance is not None and self.rebalance.training) or want:
+            with torch.set_grad_enabled(want and hsic_grad and torch.is_grad_enabled()):
+                mean = xf.mean(2, keepdim=True)  # (M, F, 1, D)
+                Gc = gram(xf - mean)  # (M, F, D, D)
+        if self.rebalance is not None:
+            r = self.rebalance
+            if r.training:
+                mu = mean.detach()
+                G = Gc.detach() if r.center else Gc.detach() + B * mu.transpose(-1, -2) @ mu
+                stats = r.statistics(G, mu[..., 0, :] if r.center else torch.zeros_like(mu[..., 0, :]))
+            else:
+                stats = r.statistics(None, None)
+            T, t0 = r.affine(*stats)
+        else:
+            T, t0 = torch.eye(D, dtype=z.dtype, device=z.device).expand(M, F, D, D), z.new_zeros(()).expand(M, F, D)
+        A = torch.matmul(T, dec[0])  # (M, F, D, K D)
+        a = torch.matmul(t0.unsqueeze(-2), dec[0]).squeeze(-2) + dec[1]  # (M, F, K D)
+        h = None
+        if want:
+            with torch.set_grad_enabled(hsic_grad and torch.is_grad_enabled()):
+                S = A.transpose(-1, -2) @ (Gc @ A)  # (M, F, KD, KD)
+                h = linear_hsic_from_gram(S, K, B, self.hsic_normalized).mean()
+        if self.router is None:
+            c = torch.baddbmm(a.reshape(M * F, 1, K * D), xf.view(M * F, B, D), A.reshape(M * F, D, K * D))
+            return c.view(M, F, B, K, D).mean(-2).transpose(1, 2), h
+        out = torch.baddbmm(torch.cat([t0, a], -1).reshape(M * F, 1, -1), xf.view(M * F, B, D),
+                            torch.cat([T, A], -1).reshape(M * F, D, -1)).view(M, F, B, (K + 1) * D)
+        y, c = out[..., :D], out[..., D:].unflatten(-1, (K, D))
+        return self.router.mix_fieldmajor(y.mean(0), c), h
+
     def forward(self, x: Tensor, x0: Tensor, want_hsic: bool = False,
                 hsic_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+        if self.fusable(want_hsic):
+            e_new, h = self.fused_tail(self.interaction(x, x0), want_hsic, hsic_grad)
+            if self.residual == "none":
+                return e_new, h
+            return (x + e_new if self.alpha is None else x + self.alpha * e_new), h
         if self.prenorm and self.rebalance is not None:
             y = self.interaction(self.rebalance(x), x0)
         else:
@@ -464,7 +625,7 @@ class RoBlockNet(nn.Module):
                  n_power: int = 1, momentum: float = 0.1, prenorm: bool = False,
                  decoupler: Literal["linear", "orth_split", "none"] = "linear",
                  share_decoupler_across_fields: bool = False, decoupler_act: bool = False,
-                 router: Literal["dynamic", "within_field", "static", "none"] = "dynamic",
+                 router: Literal["dynamic", "factorized", "within_field", "static", "none"] = "dynamic",
                  router_temperature: float = 1.0, residual: Literal["learnable", "fixed", "none"] = "learnable",
                  hsic_kernel: Literal["linear", "gaussian", "decorrelation"] = "linear",
                  hsic_estimator: Literal["biased", "unbiased"] = "biased", hsic_normalized: bool = True,
