@@ -82,16 +82,18 @@ grid-data-fraction: $(NEED_INSTALL)
 
 # RoBlock (ROBLOCK.md E1/E2): make grid-roblock DATASET=criteo [BACKBONES=dcnv2,xdeepfm,dhen] [DEPTHS=1,2,4,8]
 #   [WIDTHS=1,4] (embedding sets) [BETAS=0,0.1,0.5,1] [SEEDS=0,1,2] [GPUS=...] [DRY_RUN=1]; plain + one RoBlock cell per beta
+#   [ROUTER=factorized] (the RoBlock cells' router; default: the configs' dense `dynamic` one)
 # E4 ablations at one operating point: make grid-roblock-ablation [AT=dcnv2,4,4,0.1] [KS=1,2,4,8]
 BACKBONES ?= dcnv2,xdeepfm,dhen
 DEPTHS ?= 1,2,4,8
 WIDTHS ?= 1,4
 BETAS ?= 0,0.1,0.5,1
 grid-roblock: $(NEED_INSTALL)
-	$(GRID) roblock --backbones "$(BACKBONES)" --depths "$(DEPTHS)" --widths "$(WIDTHS)" --betas "$(BETAS)" $(EXTRA)
+	$(GRID) roblock --backbones "$(BACKBONES)" --depths "$(DEPTHS)" --widths "$(WIDTHS)" --betas "$(BETAS)" \
+		$(if $(ROUTER),--router $(ROUTER)) $(EXTRA)
 
 grid-roblock-ablation: $(NEED_INSTALL)
-	$(GRID) roblock-ablation $(if $(AT),--at "$(AT)") $(if $(KS),--ks "$(KS)") $(EXTRA)
+	$(GRID) roblock-ablation $(if $(AT),--at "$(AT)") $(if $(KS),--ks "$(KS)") $(if $(ROUTER),--router $(ROUTER)) $(EXTRA)
 
 # make report [DATASET=avazu] [FILTER="model=DCNv2 mode=ME"] (each TAG=VALUE becomes a --filter)
 report: $(NEED_INSTALL)

@@ -38,6 +38,7 @@ ROBLOCK = dict(interaction="cross", blocks=4, components=4, beta=0.1, hsic_kerne
 def contenders(gaussian: bool) -> dict:
     c = {"plain": lambda f, d, m: DCNv2(f, d, m, cross_layers=4),
          "roblock": lambda f, d, m: RoBlockNet(f, d, m, **ROBLOCK)}
+    c["roblock-fact"] = lambda f, d, m: RoBlockNet(f, d, m, **{**ROBLOCK, "router": "factorized"})
     c["roblock-within"] = lambda f, d, m: RoBlockNet(f, d, m, **{**ROBLOCK, "router": "within_field"})
     if gaussian:
         c["roblock-gauss"] = lambda f, d, m: RoBlockNet(f, d, m, **{**ROBLOCK, "hsic_kernel": "gaussian"})
@@ -124,6 +125,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=2048)
     ap.add_argument("--split-reps", type=int, default=5)
     ap.add_argument("--gaussian", action="store_true", help="also time RoBlock with the Gaussian-kernel HSIC")
+    ap.add_argument("--only", default="", help="comma-separated contenders to run (plain is always run)")
     ap.add_argument("--threads", type=int, default=1,
                     help="intra-op threads (1: on a loaded machine two OpenMP threads wait at barriers for each other "
                          "and small ops slow down >10x, which penalises many-op models; 0 keeps torch's default)")
@@ -140,6 +142,8 @@ def main():
         res: dict[str, list[float]] = {}
         for _ in range(a.rounds):
             for name, build in contenders(a.gaussian).items():
+                if a.only and name != "plain" and name not in a.only.split(","):
+                    continue
                 res.setdefault(name, []).append(statistics.median(step_times(build, mode, scale, dims, data)))
         base = statistics.median(res["plain"])
         for name, ts in res.items():

@@ -137,6 +137,7 @@ ROBLOCK_DEPTHS = [1, 2, 4, 8]
 ROBLOCK_WIDTHS = [1, 4]
 ROBLOCK_BETAS = [0.0, 0.1, 0.5, 1.0]  # the beta grid the RoBlock reviews report [stated]
 ROBLOCK_KS = [1, 2, 4, 8]
+ROBLOCK_ROUTERS = ("dynamic", "factorized", "within_field", "static")  # = roblock.FieldRouter.VARIANTS (tested)
 
 
 def _width_config(width: int, root: Path) -> str:
@@ -148,13 +149,15 @@ def _width_name(width: int) -> str:
     return "se1x" if width == 1 else f"me{width}x"
 
 
-def roblock_cells(dataset, backbones, depths, widths, betas, seeds, configs: Path | None = None) -> list[Cell]:
+def roblock_cells(dataset, backbones, depths, widths, betas, seeds, configs: Path | None = None,
+                  router: str | None = None) -> list[Cell]:
     """RoBlock E1/E2 grid (ROBLOCK.md Sec. 2.8): backbone x {plain, RoBlock per beta} x depth x width x seed.
 
     Plain cells are ``configs/model/roblock_<b>_plain.yaml``: the same RoBlockNet with every component off, which is
     exactly DCNv2 / xDeepFM (cin_layers = [F] * L) / DHEN (tests/test_roblock.py), so plain and RoBlock cells share
     one parametrisation of depth (``blocks``) and width (embedding sets, ``model.scale`` in ME mode). Cell tags:
-    grid, backbone, variant (plain / roblock), depth, width, beta."""
+    grid, backbone, variant (plain / roblock), depth, width, beta, and router when ``router`` overrides the configs'
+    router variant in the RoBlock cells (their names then end in ``-<router>``)."""
     root = configs or CONFIGS
     cells = []
     for b in backbones:
@@ -165,10 +168,13 @@ def roblock_cells(dataset, backbones, depths, widths, betas, seeds, configs: Pat
                     cfg = f"roblock_{b}_plain.yaml" if variant == "plain" else f"roblock_{b}.yaml"
                     label = "plain" if beta is None else f"beta{beta:g}"
                     over = [f"--model.backbone.init_args.blocks={depth}"]
-                    if beta is not None:
-                        over.append(f"--model.backbone.init_args.beta={beta:g}")
                     tags = {"grid": "roblock", "backbone": b, "variant": variant, "depth": str(depth),
                             "width": str(width), "beta": "" if beta is None else f"{beta:g}"}
+                    if beta is not None:
+                        over.append(f"--model.backbone.init_args.beta={beta:g}")
+                        if router:
+                            over.append(f"--model.backbone.init_args.router={router}")
+                            label, tags["router"] = f"{label}-{router}", router
                     for seed in seeds:
                         cells.append(Cell(f"{dataset}-roblock-{b}-{label}-L{depth}-{_width_name(width)}-seed{seed}",
                                           [str(root / "model" / cfg), _width_config(width, root),
@@ -178,30 +184,39 @@ def roblock_cells(dataset, backbones, depths, widths, betas, seeds, configs: Pat
 
 
 def roblock_ablation_cells(dataset, seeds, backbone: str = "dcnv2", depth: int = 4, width: int = 4,
-                           beta: float = 0.1, ks=tuple(ROBLOCK_KS), configs: Path | None = None) -> list[Cell]:
+                           beta: float = 0.1, ks=tuple(ROBLOCK_KS), configs: Path | None = None,
+                           router: str | None = None) -> list[Cell]:
     """RoBlock E4 ablations at one operating point (default Criteo, DCNv2, L = 4, M = 4, beta = 0.1): the 2^3 grid of
     rebalancing / decoupler / router on-off (the learnable residual stays; "all off" is the stack with residual),
-    then K in ``ks`` with every component on (K = 4, the default, is the all-on cell and is not repeated)."""
+    then K in ``ks`` with every component on (K = 4, the default, is the all-on cell and is not repeated). "Router on"
+    is the config's router variant, or ``router`` (then part of the cell names and tags)."""
     root = configs or CONFIGS
     base = [str(root / "model" / f"roblock_{backbone}.yaml"), _width_config(width, root),
             str(root / "data" / f"{dataset}.yaml")]
     common = [f"--model.backbone.init_args.blocks={depth}", f"--model.backbone.init_args.beta={beta:g}"]
     point = f"{dataset}-roblock-ablation-{backbone}-L{depth}-{_width_name(width)}"
+    extra_tags = {}
+    if router:
+        common.append(f"--model.backbone.init_args.router={router}")
+        point, extra_tags = f"{point}-{router}", {"router": router}
     cells = []
     for reb in (True, False):
         for dec in (True, False):
             for rou in (True, False):
                 over = [f"--model.backbone.init_args.rebalance={'rank1' if reb else 'none'}",
-                        f"--model.backbone.init_args.decoupler={'linear' if dec else 'none'}",
-                        f"--model.backbone.init_args.router={'dynamic' if rou else 'none'}"]
+                        f"--model.backbone.init_args.decoupler={'linear' if dec else 'none'}"]
+                if not rou:
+                    over.append("--model.backbone.init_args.router=none")
                 name = f"rebalance{int(reb)}-decoupler{int(dec)}-router{int(rou)}"
-                tags = {"grid": "roblock-ablation", "backbone": backbone, "ablation": name, "components": "4"}
+                tags = {"grid": "roblock-ablation", "backbone": backbone, "ablation": name, "components": "4",
+                        **extra_tags}
                 cells += [Cell(f"{point}-{name}-seed{s}", base, common + over + [f"--seed_everything={s}"], tags)
                           for s in seeds]
     for k in ks:
         if k == 4:
             continue
-        tags = {"grid": "roblock-ablation", "backbone": backbone, "ablation": f"K{k}", "components": str(k)}
+        tags = {"grid": "roblock-ablation", "backbone": backbone, "ablation": f"K{k}", "components": str(k),
+                **extra_tags}
         cells += [Cell(f"{point}-K{k}-seed{s}", base,
                        common + [f"--model.backbone.init_args.components={k}", f"--seed_everything={s}"], tags)
                   for s in seeds]
@@ -325,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ks", default=",".join(map(str, ROBLOCK_KS)), help="roblock-ablation: components K")
     ap.add_argument("--at", default="dcnv2,4,4,0.1",
                     help="roblock-ablation operating point: backbone,depth,width,beta")
+    ap.add_argument("--router", default=None, choices=ROBLOCK_ROUTERS,
+                    help="roblock grids: the RoBlock cells' router variant (default: the configs' own)")
     ap.add_argument("-j", "--jobs", type=int, default=1, help="cells at once")
     ap.add_argument("--gpus", default=None, help="GPU ids per slot: '0,1,2,3' (one per cell) or '0,1;2,3' groups")
     ap.add_argument("--dry-run", action="store_true")
@@ -353,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.grid == "roblock":
         cells = roblock_cells(a.dataset, [b for b in a.backbones.split(",") if b],
                               [int(d) for d in a.depths.split(",") if d], [int(w) for w in a.widths.split(",") if w],
-                              [float(b) for b in a.betas.split(",") if b], seeds, configs)
+                              [float(b) for b in a.betas.split(",") if b], seeds, configs, a.router)
     elif a.grid == "roblock-ablation":
         try:
             backbone, depth, width, beta = a.at.split(",")
@@ -363,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         cells = roblock_ablation_cells(a.dataset, seeds, ks=[int(k) for k in a.ks.split(",") if k],
-                                       configs=configs, **at)
+                                       configs=configs, router=a.router, **at)
     else:
         cells = data_fraction_cells(a.dataset, [float(f) for f in a.fractions.split(",")],
                                     [int(d) for d in a.dims.split(",")], seeds, configs)

@@ -399,7 +399,8 @@ def test_dhen_equals_a_naive_per_set_loop():
 
 
 # ---------------------------------------------------------------------------------------------- CTRModel + grids
-def test_fit_logs_train_hsic(criteo_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("router", ["dynamic", "factorized"])  # the modules' path and the fused one
+def test_fit_logs_train_hsic(criteo_dir, tmp_path, monkeypatch, router):
     from mlflow.tracking import MlflowClient
 
     from recscale.train import cli_main
@@ -410,7 +411,7 @@ def test_fit_logs_train_hsic(criteo_dir, tmp_path, monkeypatch):
     cli_main(["fit", f"--config={ROOT / 'configs/roblock_dcnv2.yaml'}", f"--data.data_dir={criteo_dir}",
               "--data.batch_size=512", "--data.num_workers=0", "--trainer.max_epochs=1",
               "--trainer.limit_train_batches=3", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
-              "--model.backbone.init_args.blocks=2"])
+              "--model.backbone.init_args.blocks=2", f"--model.backbone.init_args.router={router}"])
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("recscale").experiment_id])[0]
     hist = client.get_metric_history(run.info.run_id, "train/hsic_step")
@@ -419,7 +420,7 @@ def test_fit_logs_train_hsic(criteo_dir, tmp_path, monkeypatch):
 
 
 def test_roblock_grid_cells_and_dry_run(tmp_path):
-    from recscale.grid import roblock_ablation_cells, roblock_cells
+    from recscale.grid import ROBLOCK_ROUTERS, roblock_ablation_cells, roblock_cells
 
     cells = roblock_cells("criteo", ["dcnv2", "xdeepfm", "dhen"], [1, 2, 4, 8], [1, 4], [0.0, 0.1, 0.5, 1.0], [0])
     assert len(cells) == 3 * 4 * 2 * (1 + 4)
@@ -436,6 +437,17 @@ def test_roblock_grid_cells_and_dry_run(tmp_path):
     assert "2 to run (dry run)" in p.stdout and "2 at a time" in p.stdout
     assert "criteo-roblock-dcnv2-plain-L2-me4x-seed0" in p.stdout
     assert "criteo-roblock-dcnv2-beta0.1-L2-me4x-seed0" in p.stdout
+    # ROUTER= picks the RoBlock cells' router (names and tags say which); plain cells are unchanged
+    p = subprocess.run(["make", "-s", "-o", "install", "grid-roblock", "DRY_RUN=1", "BACKBONES=dcnv2", "DEPTHS=2",
+                        "WIDTHS=4", "BETAS=0.1", "SEEDS=0", "ROUTER=factorized",
+                        f"VENV={Path(sys.executable).parent.parent}"], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert p.returncode == 0, p.stderr
+    assert "criteo-roblock-dcnv2-plain-L2-me4x-seed0" in p.stdout
+    assert "criteo-roblock-dcnv2-beta0.1-factorized-L2-me4x-seed0" in p.stdout
+    fact = roblock_cells("criteo", ["dcnv2"], [2], [4], [0.1], [0], router="factorized")
+    assert "router" not in fact[0].tags and fact[1].tags["router"] == "factorized"
+    assert "--model.backbone.init_args.router=factorized" in fact[1].argv([])
+    assert ROBLOCK_ROUTERS == FieldRouter.VARIANTS
     # the ablation target passes its operating point through (make -n: print the command; cells are checked above)
     p = subprocess.run(["make", "-n", "-o", "install", "grid-roblock-ablation", "AT=dhen,2,1,0.5", "KS=1,2",
                         f"VENV={Path(sys.executable).parent.parent}"], capture_output=True, text=True, cwd=ROOT,
@@ -445,6 +457,11 @@ def test_roblock_grid_cells_and_dry_run(tmp_path):
     abl = roblock_ablation_cells("criteo", [0], "dhen", 2, 1, 0.5, [1, 2])
     assert len(abl) == 10 and "--model.backbone.init_args.rebalance=none" in abl[-3].argv([])
     assert any("se1x.yaml" in c for c in abl[0].configs) and "--model.backbone.init_args.beta=0.5" in abl[0].argv([])
+    abl = roblock_ablation_cells("criteo", [0], router="factorized")
+    on, off = abl[0].argv([]), abl[1].argv([])  # router1 then router0
+    assert "--model.backbone.init_args.router=factorized" in on and "--model.backbone.init_args.router=none" not in on
+    assert off.index("--model.backbone.init_args.router=none") > off.index("--model.backbone.init_args.router=factorized")
+    assert all(c.tags["router"] == "factorized" and "-factorized-" in c.name for c in abl)
 
 
 def test_rank1_elementwise_path_equals_the_gram_path():
@@ -501,24 +518,21 @@ def test_fused_router_equals_the_autograd_router(heads, sets):
 
 
 FUSED_CASES = [
-    dict(),  # the configs' components: rank-1 rebalancing, linear decoupler, dynamic router
-    dict(router="factorized"),
+    dict(router="factorized"),  # the configs' components: rank-1 rebalancing, linear decoupler, factorized router
     dict(router="within_field", rebalance="center", hsic_normalized=False),
     dict(router="factorized", decoupler="orth_split", rebalance_rank=2),
-    dict(router="dynamic", router_temperature=0.5, share_decoupler_across_fields=True),
+    dict(router="within_field", router_temperature=0.5, share_decoupler_across_fields=True),
     dict(router="none", rebalance="none"),
     dict(router="factorized", decoupler="none"),
 ]
 
 
-@pytest.mark.parametrize("kw", FUSED_CASES)
-@pytest.mark.parametrize("sets,heads", [(1, 1), (2, 2), (1, 3)])
+@pytest.mark.parametrize("kw,sets,heads", [(kw, m, h) for kw in FUSED_CASES for m, h in [(1, 1), (2, 2), (1, 3)]
+                                           if kw.get("router") != "none" or m == h])  # router=none keeps the sets
 def test_fused_block_equals_the_component_modules(kw, sets, heads):
     """``RoBlock.fused_tail`` (one Gram, one batched matmul, HSIC from A^T G_c A) is the modules' map rearranged:
     same outputs, HSIC term, gradients of the input and every parameter, and running statistics, in training and in
     eval. float64 so that only the summation order differs (1e-9)."""
-    if kw.get("router") == "none" and heads != sets:
-        pytest.skip("router=none keeps the input sets (a ConfigError, tested elsewhere)")
     torch.manual_seed(7)
     M, B, F, D = sets, 40, 5, 6
     fast = RoBlock(M, heads, F, D, components=3, n_power=2, **kw).double()

@@ -37,8 +37,10 @@ class _Gram(torch.autograd.Function):
         return torch.matmul(x, g + g.transpose(-1, -2))
 
 
-def gram(x: Tensor) -> Tensor:
-    """``x^T x`` over the second-to-last axis (..., n, d) -> (..., d, d)."""
+def gram(x: Tensor, rows_last: bool = False) -> Tensor:
+    """``x^T x`` over the second-to-last axis (..., n, d) -> (..., d, d); ``rows_last``: x is (..., d, n)."""
+    if rows_last:
+        x = x.transpose(-1, -2)
     return _Gram.apply(x) if x.requires_grad else torch.matmul(x.transpose(-1, -2), x)
 
 

@@ -321,7 +321,7 @@ class FieldRouter(nn.Module):
     * ``within_field``: beta alone (Omega = I: candidates of field f only); ``static``: input-independent logits
       ``c_f`` over all candidates (violates "dynamic"; an ablation).
 
-    (M, B, F, D), (M, B, F, K, D) -> (M', B, F, D); ``mix_fieldmajor`` is the same map on field-major inputs.
+    (M, B, F, D), (M, B, F, K, D) -> (M', B, F, D); ``mix_batchlast`` is the same map on batch-last inputs.
     """
 
     VARIANTS = ("dynamic", "factorized", "within_field", "static")
@@ -387,22 +387,57 @@ class FieldRouter(nn.Module):
             return R.permute(2, 1, 0, 3)
         return torch.einsum("hgf,fbhd->hbgd", self.field_mix(), R)
 
-    def mix_fieldmajor(self, yb: Tensor, c: Tensor) -> Tensor:
-        """The router on field-major inputs (RoBlock's fused path): ybar (F, B, D), c (M, F, B, K, D) (views with any
-        row stride) -> (M', B, F, D). Same map as ``forward``; the static variant is not supported here."""
-        M, F, B, K, D = c.shape
-        if self.local:
-            cand = c[0] if M == 1 else c.permute(1, 2, 0, 3, 4).reshape(F, B, M * K, D)
-            return self._mix_local(self.local_gates(yb), cand)
-        cand = c.permute(2, 0, 1, 3, 4).reshape(B, M * F * K, D)
-        q = yb.transpose(0, 1)
-        if self.fused and self.temperature == 1.0:
-            out = _RouterMix.apply(q, self.U, self.c, cand, self.heads, self.chunk)
-        else:
+    def mix_batchlast(self, yt: Tensor, ct: Tensor) -> Tensor:
+        """The router on batch-last inputs (RoBlock's fused path): ybar (F, D, B), c (M, F, K, D, B) (views) ->
+        (M', B, F, D) (a view). Same map as ``forward``, for the field-local variants."""
+        M, F, K, D, B = ct.shape
+        H, n = self.heads, self.n
+        if self.local:  # the dense ones go through ``forward`` (batch-first); see RoBlock.fusable
             cpar, U = self._params()
-            g = torch.softmax(torch.baddbmm(cpar.unsqueeze(1), yb, U).view(F, B, self.heads, self.n), -1)
-            out = torch.matmul(g.transpose(0, 1).reshape(B, F * self.heads, self.n), cand)
-        return out.view(B, F, self.heads, D).permute(2, 0, 1, 3)
+            logits = torch.baddbmm(cpar.unsqueeze(-1), U.transpose(1, 2), yt)  # (F, H n, B)
+            g = torch.softmax(logits.view(F, H, n, B), 2)
+            R = _LocalMix.apply(g, ct)  # (F, H, D, B), candidates n = m K + k
+            if self.variant == "within_field":
+                return R.permute(1, 3, 0, 2)
+            out = torch.matmul(self.field_mix(), R.transpose(0, 1).reshape(H, F, D * B))  # (H, F, D B)
+            return out.view(H, F, D, B).permute(0, 3, 1, 2)
+        raise ValueError("mix_batchlast serves the field-local routers (within_field, factorized) only")
+
+
+class _LocalMix(torch.autograd.Function):
+    """``R[f, h, :, b] = sum_{m,k} g[f, h, m K + k, b] cand[m, f, k, :, b]`` on batch-last tensors: a per-sample
+    (H x n) @ (n x D) product (n = M K) run as element-wise multiply-adds along contiguous rows of B (a batched
+    matmul would run B F tiny matrices; per-sample broadcasting would build (F, H, n, D, B) temporaries).
+    Backward: ``dg[f, h, n] = sum_d dR[f, h, d] cand[n, f, d]`` (a loop over d), ``dcand[n, f] = sum_h g[f, h, n]
+    dR[f, h]`` (a loop over h). g (F, H, n, B), cand (M, F, K, D, B) (any strides) -> (F, H, D, B)."""
+
+    @staticmethod
+    def forward(ctx, g: Tensor, cand: Tensor) -> Tensor:
+        ctx.save_for_backward(g, cand)
+        M, F, K, D, B = cand.shape
+        out = None
+        for m in range(M):
+            for k in range(K):
+                gi, ci = g[:, :, m * K + k].unsqueeze(2), cand[m, :, k].unsqueeze(1)  # (F, H, 1, B), (F, 1, D, B)
+                out = gi * ci if out is None else out.addcmul_(gi, ci)
+        return out
+
+    @staticmethod
+    def backward(ctx, dR: Tensor):
+        g, cand = ctx.saved_tensors
+        M, F, K, D, B = cand.shape
+        H = g.shape[1]
+        dR = dR.contiguous()
+        cn = cand.permute(1, 3, 0, 2, 4)  # (F, D, M, K, B): the candidates of each coordinate d
+        dg = dR[:, :, 0].unsqueeze(2) * cn[:, 0].reshape(F, 1, M * K, B)
+        for d in range(1, D):
+            dg.addcmul_(dR[:, :, d].unsqueeze(2), cn[:, d].reshape(F, 1, M * K, B))
+        gm = g.view(F, H, M, K, B).permute(2, 0, 3, 1, 4)  # (M, F, K, H, B)
+        dcand = torch.empty((M, F, K, D, B), dtype=dR.dtype, device=dR.device)
+        torch.mul(gm[..., 0, :].unsqueeze(-2), dR[:, 0].view(1, F, 1, D, B), out=dcand)
+        for h in range(1, H):
+            dcand.addcmul_(gm[..., h, :].unsqueeze(-2), dR[:, h].view(1, F, 1, D, B))
+        return dg, dcand
 
 
 # ------------------------------------------------------------------------------------- interaction slot
@@ -524,7 +559,7 @@ class RoBlock(nn.Module):
         the residual is affine in z (or a router on top), and the HSIC is the per-field linear one."""
         return (self.fused and not (self.prenorm and self.rebalance is not None)
                 and (self.decoupler is None or not self.decoupler.act)
-                and (self.router is None or self.router.variant != "static")
+                and (self.router is None or self.router.local)  # the dense routers gain nothing from it
                 and not (want_hsic and (self.hsic_kernel != "linear" or self.hsic_across_sets)))
 
     def fused_tail(self, z: Tensor, want_hsic: bool, hsic_grad: bool) -> tuple[Tensor, Tensor | None]:
@@ -540,9 +575,12 @@ class RoBlock(nn.Module):
           out of one batched matmul of X with ``[T | T A_dec]``;
         * linear HSIC needs only the centred Gram of C, ``C_c^T C_c = A^T G_c A`` with ``A = T A_dec``: a
           (KD x KD) product per field instead of a pass over the (B, K D) components.
+
+        Activations are kept batch-last, (M, F, D, B), so that the per-sample gates and mixing of the field-local
+        routers are element-wise ops along contiguous rows of B.
         """
         M, B, F, D = z.shape
-        xf = z.transpose(1, 2).contiguous()  # field-major (M, F, B, D)
+        xt = z.permute(0, 2, 3, 1).contiguous()  # batch-last (M, F, D, B)
         dec = (self.decoupler.affine(M, F) if self.decoupler is not None
                else (torch.eye(D, dtype=z.dtype, device=z.device).expand(M, F, D, D), z.new_zeros(()).expand(M, F, D)))
         K = self.decoupler.K if self.decoupler is not None else 1
@@ -550,14 +588,14 @@ class RoBlock(nn.Module):
         Gc = mean = None
         if (self.rebalance is not None and self.rebalance.training) or want:
             with torch.set_grad_enabled(want and hsic_grad and torch.is_grad_enabled()):
-                mean = xf.mean(2, keepdim=True)  # (M, F, 1, D)
-                Gc = gram(xf - mean)  # (M, F, D, D)
+                mean = xt.mean(-1, keepdim=True)  # (M, F, D, 1)
+                Gc = gram(xt - mean, rows_last=True)  # (M, F, D, D)
         if self.rebalance is not None:
             r = self.rebalance
             if r.training:
                 mu = mean.detach()
-                G = Gc.detach() if r.center else Gc.detach() + B * mu.transpose(-1, -2) @ mu
-                stats = r.statistics(G, mu[..., 0, :] if r.center else torch.zeros_like(mu[..., 0, :]))
+                G = Gc.detach() if r.center else Gc.detach() + B * mu @ mu.transpose(-1, -2)
+                stats = r.statistics(G, mu[..., 0] if r.center else torch.zeros_like(mu[..., 0]))
             else:
                 stats = r.statistics(None, None)
             T, t0 = r.affine(*stats)
@@ -570,13 +608,14 @@ class RoBlock(nn.Module):
             with torch.set_grad_enabled(hsic_grad and torch.is_grad_enabled()):
                 S = A.transpose(-1, -2) @ (Gc @ A)  # (M, F, KD, KD)
                 h = linear_hsic_from_gram(S, K, B, self.hsic_normalized).mean()
+        x2 = xt.view(M * F, D, B)
         if self.router is None:
-            c = torch.baddbmm(a.reshape(M * F, 1, K * D), xf.view(M * F, B, D), A.reshape(M * F, D, K * D))
-            return c.view(M, F, B, K, D).mean(-2).transpose(1, 2), h
-        out = torch.baddbmm(torch.cat([t0, a], -1).reshape(M * F, 1, -1), xf.view(M * F, B, D),
-                            torch.cat([T, A], -1).reshape(M * F, D, -1)).view(M, F, B, (K + 1) * D)
-        y, c = out[..., :D], out[..., D:].unflatten(-1, (K, D))
-        return self.router.mix_fieldmajor(y.mean(0), c), h
+            ct = torch.baddbmm(a.reshape(M * F, K * D, 1), A.reshape(M * F, D, K * D).transpose(1, 2), x2)
+            return ct.view(M, F, K, D, B).mean(2).permute(0, 3, 1, 2), h
+        ct = torch.baddbmm(a.reshape(M * F, K * D, 1), A.reshape(M * F, D, K * D).transpose(1, 2), x2)
+        yt = torch.baddbmm(t0.reshape(M * F, D, 1), T.reshape(M * F, D, D).transpose(1, 2), x2)
+        ybar = yt.view(M, F, D, B).mean(0) if M > 1 else yt.view(F, D, B)
+        return self.router.mix_batchlast(ybar, ct.view(M, F, K, D, B)), h
 
     def forward(self, x: Tensor, x0: Tensor, want_hsic: bool = False,
                 hsic_grad: bool = True) -> tuple[Tensor, Tensor | None]:
