@@ -8,13 +8,18 @@ dropout as configured. Contenders, alternated round by round (A B C A B C ...; e
 * plain:   ``DCNv2(cross_layers=4)`` (the project's fused cross network), the baseline of the ratio;
 * roblock: ``RoBlockNet(interaction="cross", blocks=4, components=4)`` with normalised linear HSIC, beta = 0.1
   (configs/model/roblock_dcnv2.yaml);
+* roblock-fact: the same with the ``factorized`` router (dynamic within-field gates times a learned cross-field
+  mixing; trains on the fused block path);
 * roblock-within: the same with the ``within_field`` router (candidates of the output field only: N = M K instead
-  of M F K gates per field and head), to show what the cross-field router costs;
+  of M F K gates per field and head), to show what the cross-field mixing costs;
 * roblock-gauss (``--gaussian``): the same with the Gaussian-kernel HSIC (flattened components, 1024-row subsample),
   reported, not targeted (the component split always reports the Gaussian HSIC's own cost).
 
 Then a per-component split of one block (forward + backward, median of ``--split-reps``) on (M, 2048, 39, 10)
-activations: interaction (cross layer) / rebalancing (R1UN) / decoupler + HSIC / router, and the Gaussian HSIC.
+activations: interaction (cross layer) / rebalancing (R1UN) / decoupler + HSIC / dense router, each through its own
+module (the path the dense ``dynamic`` router trains on), then the fused tail (``RoBlock.fused_tail``: rebalancing,
+decoupler, HSIC and router in one pass, the path of the field-local routers) for the ``factorized`` and
+``within_field`` routers, and the Gaussian HSIC.
 Target (issue 11): roblock step time <= 1.5 x plain.
 """
 
@@ -109,6 +114,16 @@ def component_split(M: int, B: int, F: int, D: int, reps: int, gaussian: bool) -
 
     out = {"interaction": timed(inter, reps), "rebalancing": timed(reb, reps), "decoupler+hsic": timed(dec, reps),
            "router": timed(rou, reps)}
+    for variant in ("factorized", "within_field"):  # the fused path: rebalancing + decoupler + HSIC + router at once
+        torch.manual_seed(0)
+        fb = RoBlock(M, M, F, D, interaction="cross", components=4, router=variant)
+        fb.train()
+
+        def tail():
+            e, h = fb.fused_tail(z, True, True)
+            (e.sum() + 0.1 * h).backward()
+
+        out[f"fused tail, {variant} router (alone)"] = timed(tail, reps)
     if gaussian:
         blk.hsic_kernel = "gaussian"
         out["gaussian hsic (alone)"] = timed(lambda: blk.hsic(c).backward(), reps)

@@ -564,3 +564,37 @@ def test_fused_block_equals_the_component_modules(kw, sets, heads):
                 torch.testing.assert_close(pf.grad, ps.grad, rtol=1e-8, atol=1e-10, msg=n)
         for (n, bf), (_, bs) in zip(fast.named_buffers(), slow.named_buffers()):
             torch.testing.assert_close(bf, bs, rtol=1e-9, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("router", ["dynamic", "factorized"])  # the modules' path and the fused one
+@pytest.mark.parametrize("sets", [1, 3])
+def test_roblock_trains_under_bf16_autocast(router, sets):
+    """`--trainer.precision bf16-mixed` in miniature (as tests/test_precision.py does for the other backbones): the
+    loss and logits stay float32, every parameter gets a finite float32 gradient (including through the fused
+    Functions, whose inputs arrive in mixed dtypes), and the loss is the float32 model's to bf16 accuracy (2^-5
+    relative, see test_precision)."""
+    from recscale.models.module import CTRModel
+
+    def run(amp: bool):
+        torch.manual_seed(0)
+        model = CTRModel(lambda f, d, m: RoBlockNet(f, d, m, blocks=2, router=router, hidden=[8, 8]),
+                         field_dims=[5, 7, 9, 4], base_dim=4, mode="ME" if sets > 1 else "SE", scale=sets,
+                         embedding_init_std=0.1)
+        model.train()
+        g = torch.Generator().manual_seed(1)
+        ids = torch.stack([torch.randint(0, d, (64,), generator=g) for d in (5, 7, 9, 4)], 1)
+        y = torch.randint(0, 2, (64,), generator=g).float()
+        torch.manual_seed(2)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            logits = model(ids)
+            loss = model.loss(logits, y)
+        loss.backward()
+        model.on_before_optimizer_step(None)  # densifies the sparse embedding gradient, as in training
+        return logits, loss, {n: p.grad for n, p in model.named_parameters()}
+
+    _, loss32, _ = run(False)
+    l16, loss16, grads = run(True)
+    assert l16.dtype == torch.float32 and loss16.dtype == torch.float32
+    bad = [n for n, g in grads.items() if g is None or g.dtype != torch.float32 or not torch.isfinite(g).all()]
+    assert not bad, bad
+    assert abs(loss16.item() - loss32.item()) <= 2.0**-5 * abs(loss32.item())

@@ -34,6 +34,7 @@ class _Gram(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
+        g = g.to(x.dtype)  # under autocast the Gram's consumer may have run in float32
         return torch.matmul(x, g + g.transpose(-1, -2))
 
 

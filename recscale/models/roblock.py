@@ -104,7 +104,8 @@ class RankOneRebalance(nn.Module):
         """The statistics from the D x D Gram ``G`` (M, F, D, D) of the matrix the update acts on (``X^T X``, or the
         centred Gram with ``center``); ``mean`` (M, F, D) is passed through. Advances the power buffer."""
         D = G.shape[-1]
-        V = self.v.to(G.dtype)
+        G = G.to(self.v.dtype)  # under autocast the Gram may be bf16: the statistics stay in the buffers' precision
+        V = self.v
         for _ in range(self.n_power):
             V = self._orthonormal(torch.matmul(G, V))
         self.v.copy_(V)
@@ -138,7 +139,8 @@ class RankOneRebalance(nn.Module):
         """The rank-1, uncentred statistics from passes over x itself (no Gram, no per-field matmul): the same
         numbers as ``batch_statistics``' Gram path, ``X v`` and ``X^T (X v)`` as broadcast multiply-reductions."""
         D = x.shape[-1]
-        v = self.v[..., 0].to(x.dtype).unsqueeze(1)  # (M, 1, F, D)
+        x = x.to(self.v.dtype)
+        v = self.v[..., 0].unsqueeze(1)  # (M, 1, F, D)
         for _ in range(self.n_power):
             w = (x * v).sum(-1, keepdim=True)  # X v: (M, B, F, 1)
             v = Fn.normalize((x * w).sum(1, keepdim=True), dim=-1)  # X^T X v, normalised
@@ -154,6 +156,7 @@ class RankOneRebalance(nn.Module):
 
     @torch.no_grad()
     def _update_running(self, V: Tensor, s: Tensor, rho: Tensor, mean: Tensor) -> None:
+        V, s, rho, mean = (t.to(self.running_s.dtype) for t in (V, s, rho, mean))
         mu = self.momentum
         sign = torch.sign((V * self.running_v).sum(-2, keepdim=True))
         sign = torch.where(sign == 0, torch.ones_like(sign), sign)
@@ -299,6 +302,18 @@ class _RouterMix(torch.autograd.Function):
         return dq, dU, dc, dcand, None, None
 
 
+def _float32_under_amp(fn: type[torch.autograd.Function]) -> dict[str, type[torch.autograd.Function]]:
+    """Per device type, ``fn`` run in float32 under autocast (``custom_fwd(cast_inputs=float32)``: inputs cast,
+    autocast off inside, the backward under the same state): the dense router's chunked kernel writes into
+    preallocated outputs, which autocast's per-op dtypes would not match."""
+    return {d: type(f"{fn.__name__}_{d}", (fn,), {
+        "forward": staticmethod(torch.amp.custom_fwd(fn.forward, device_type=d, cast_inputs=torch.float32)),
+        "backward": staticmethod(torch.amp.custom_bwd(fn.backward, device_type=d))}) for d in ("cpu", "cuda")}
+
+
+_ROUTER_MIX = _float32_under_amp(_RouterMix)
+
+
 class FieldRouter(nn.Module):
     """Field-wise dynamic multi-head router: regenerates M' embedding sets from all components (ROBLOCK.md Sec. 2.4).
 
@@ -370,7 +385,8 @@ class FieldRouter(nn.Module):
         M, B, F, K, D = c.shape
         if self.fused and self.variant == "dynamic" and self.temperature == 1.0:
             cand = c.permute(1, 0, 2, 3, 4).reshape(B, M * F * K, D)  # candidate n = (m F + f') K + k
-            out = _RouterMix.apply(y.mean(0), self.U, self.c, cand, self.heads, self.chunk)
+            out = _ROUTER_MIX.get(c.device.type, _RouterMix).apply(y.mean(0), self.U, self.c, cand, self.heads,
+                                                                    self.chunk)
             return out.view(B, F, self.heads, D).permute(2, 0, 1, 3)
         if self.local:
             g = self.local_gates(y.mean(0).transpose(0, 1))  # (F, B, M', M K)
@@ -433,11 +449,11 @@ class _LocalMix(torch.autograd.Function):
         for d in range(1, D):
             dg.addcmul_(dR[:, :, d].unsqueeze(2), cn[:, d].reshape(F, 1, M * K, B))
         gm = g.view(F, H, M, K, B).permute(2, 0, 3, 1, 4)  # (M, F, K, H, B)
-        dcand = torch.empty((M, F, K, D, B), dtype=dR.dtype, device=dR.device)
+        dcand = torch.empty((M, F, K, D, B), dtype=torch.promote_types(g.dtype, dR.dtype), device=dR.device)
         torch.mul(gm[..., 0, :].unsqueeze(-2), dR[:, 0].view(1, F, 1, D, B), out=dcand)
         for h in range(1, H):
             dcand.addcmul_(gm[..., h, :].unsqueeze(-2), dR[:, h].view(1, F, 1, D, B))
-        return dg, dcand
+        return dg.to(g.dtype), dcand.to(cand.dtype)  # autocast: g may be float32 and cand bf16
 
 
 # ------------------------------------------------------------------------------------- interaction slot
@@ -606,7 +622,9 @@ class RoBlock(nn.Module):
         h = None
         if want:
             with torch.set_grad_enabled(hsic_grad and torch.is_grad_enabled()):
-                S = A.transpose(-1, -2) @ (Gc @ A)  # (M, F, KD, KD)
+                wide = torch.promote_types(A.dtype, torch.float32)  # bf16 autocast: the HSIC ratios in float32
+                A32, G32 = A.to(wide), Gc.to(wide)
+                S = A32.transpose(-1, -2) @ (G32 @ A32)  # (M, F, KD, KD)
                 h = linear_hsic_from_gram(S, K, B, self.hsic_normalized).mean()
         x2 = xt.view(M * F, D, B)
         if self.router is None:
