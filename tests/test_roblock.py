@@ -598,3 +598,28 @@ def test_roblock_trains_under_bf16_autocast(router, sets):
     bad = [n for n, g in grads.items() if g is None or g.dtype != torch.float32 or not torch.isfinite(g).all()]
     assert not bad, bad
     assert abs(loss16.item() - loss32.item()) <= 2.0**-5 * abs(loss32.item())
+
+
+def test_every_k_interleaves_plain_backbone_layers():
+    """``every_k = k``: layer l is a RoBlock iff (l + 1) % k == 0; the others are the backbone's own layers (no
+    component, the backbone's residual), so the first k - 1 layers equal the plain DCNv2 cross layers, only RoBlock
+    layers add HSIC terms, and with M = 1, M' = 2 the sets change at the first RoBlock layer."""
+    torch.manual_seed(4)
+    net = RoBlockNet(5, 4, 1, interaction="cross", blocks=4, every_k=2, heads=2, components=3, hidden=[8, 8])
+    on = [b.rebalance is not None for b in net.stack]
+    assert on == [False, True, False, True]
+    assert all(b.decoupler is None and b.router is None and b.residual == "fixed" for b in net.stack[::2])
+    plain = DCNv2(5, 4, 1, cross_layers=1, hidden=[8, 8])
+    plain.cross.layers[0].load_state_dict(net.stack[0].interaction.layer.state_dict())
+    e = torch.randn(1, 64, 5, 4)
+    net.train()
+    outs = net.layer_outputs(e)
+    assert [o.shape[0] for o in outs] == [1, 2, 2, 2] and len(net._hsic) == 2
+    torch.testing.assert_close(outs[0].flatten(2), plain.cross(e.flatten(2)), rtol=1e-5, atol=1e-6)
+    cin = RoBlockNet(5, 4, 2, interaction="cin", blocks=3, every_k=3, components=2, hidden=[8, 8])
+    assert [b.residual for b in cin.stack] == ["none", "none", "learnable"]
+    assert cin(torch.randn(2, 16, 5, 4)).shape == (16,)
+    for kw, msg in [(dict(every_k=5), "every_k must be in 1..blocks"),
+                    (dict(every_k=2, interaction="none"), "needs an interaction")]:
+        with pytest.raises(ConfigError, match=msg):
+            RoBlockNet(5, 4, 1, **{"blocks": 4, **kw})

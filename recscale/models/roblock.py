@@ -672,7 +672,10 @@ class RoBlockNet(nn.Module):
     Width = the number of embedding sets M (``model.mode: ME``, ``model.scale: M``); ``heads`` M' (None: M' = M)
     regenerates M' sets in every block; with M = 1 and M' > 1, the first block turns one table into M' sets.
     ``x0_source``: the cross/CIN/DHEN ``x0`` of block l is the input embeddings (``input``) or the previous block's
-    output (``regenerated``, as SFG does). Other arguments: see ``RoBlock`` and ROBLOCK.md Sec. 2.6.
+    output (``regenerated``, as SFG does). ``every_k`` (ROBLOCK.md Sec. 2.1, alternative placement): only every
+    k-th layer is a RoBlock; the others are the unmodified backbone's layers (interaction only, with the backbone's
+    own residual), so ``every_k = k`` inserts a RoBlock after every k - 1 plain layers. Other arguments: see
+    ``RoBlock`` and ROBLOCK.md Sec. 2.6.
     """
 
     def __init__(self, num_fields: int, dim: int, num_sets: int, interaction: Literal["cross", "cin", "dhen", "mlp",
@@ -688,10 +691,16 @@ class RoBlockNet(nn.Module):
                  hsic_estimator: Literal["biased", "unbiased"] = "biased", hsic_normalized: bool = True,
                  hsic_subsample: int = 1024, hsic_across_sets: bool = False,
                  x0_source: Literal["input", "regenerated"] = "input", dhen_modules: list[str] = list(MODULES),
-                 dhen_shortcut: bool = True, hidden: list[int] = [400, 400], dropout: float = 0.2):
+                 dhen_shortcut: bool = True, every_k: int = 1, hidden: list[int] = [400, 400],
+                 dropout: float = 0.2):
         super().__init__()
         if blocks < 1:
             raise _config_error(f"blocks (depth L) must be >= 1, got {blocks}")
+        if not 1 <= every_k <= blocks:
+            raise _config_error(f"every_k must be in 1..blocks = {blocks}, got {every_k}")
+        if every_k > 1 and interaction == "none":
+            raise _config_error("every_k > 1 interleaves plain interaction layers: it needs an interaction, "
+                                "not interaction=none")
         if beta < 0:
             raise _config_error(f"beta must be >= 0, got {beta}")
         if hsic_reduction not in ("sum", "mean"):
@@ -707,8 +716,19 @@ class RoBlockNet(nn.Module):
                   router=router, router_temperature=router_temperature, residual=residual, hsic_kernel=hsic_kernel,
                   hsic_estimator=hsic_estimator, hsic_normalized=hsic_normalized, hsic_subsample=hsic_subsample,
                   hsic_across_sets=hsic_across_sets, dhen_modules=dhen_modules, dhen_shortcut=dhen_shortcut)
-        self.stack = nn.ModuleList(RoBlock(num_sets if l == 0 else H, H, num_fields, dim, **kw)
-                                    for l in range(blocks))
+        # every_k: layer l is a RoBlock when (l + 1) % k == 0, else the backbone's plain layer (ROBLOCK.md Sec. 2.1
+        # alternative): every component off, with the backbone's own residual (DCNv2's "+ x_l"; none for CIN, DHEN
+        # (its shortcut) and the MLP)
+        plain = dict(kw, rebalance="none", decoupler="none", router="none",
+                     residual="fixed" if interaction == "cross" else "none", dhen_shortcut=True)
+        layers, sets = [], num_sets
+        for l in range(blocks):
+            if (l + 1) % every_k == 0:
+                layers.append(RoBlock(sets, H, num_fields, dim, **kw))
+                sets = H
+            else:
+                layers.append(RoBlock(sets, sets, num_fields, dim, **plain))
+        self.stack = nn.ModuleList(layers)
         self.out_sets = H
         if interaction == "cin":
             self.cin_out = nn.Linear(blocks * num_fields, 1)
@@ -750,6 +770,6 @@ class RoBlockNet(nn.Module):
     def forward(self, e: Tensor) -> Tensor:
         outs = self.layer_outputs(e)
         if self.interaction == "cin":
-            pooled = torch.cat([x.sum(-1) for x in outs], -1).mean(0)  # (B, L*F)
+            pooled = torch.cat([x.sum(-1).mean(0) for x in outs], -1)  # (B, L*F)
             return self.cin_out(pooled).squeeze(-1) + self.tower(flatten(e))
         return self.tower(flatten(outs[-1]))
