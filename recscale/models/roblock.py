@@ -189,6 +189,82 @@ class RankOneRebalance(nn.Module):
         return torch.einsum("mbfd,mfde->mbfe", x - m, T) + m * self.gain.unsqueeze(1)
 
 
+class IterNormRebalance(nn.Module):
+    """Rebalancing alternative (b) of ROBLOCK.md Sec. 2.2: IterNorm whitening (Huang et al., CVPR 2019,
+    arXiv 1904.03441, Alg. 1) per set and field, ``rebalance: iternorm``.
+
+    With ``X_c`` the centred B x D batch matrix of (m, f): ``Sigma = X_c^T X_c / B + eps I``, ``Sigma_N = Sigma /
+    tr(Sigma)``, Newton-Schulz ``P_0 = I``, ``P_k = (3 P_{k-1} - P_{k-1}^3 Sigma_N) / 2`` (k = 1..T), whitening matrix
+    ``W = P_T / sqrt(tr(Sigma))`` (approximately ``Sigma^{-1/2}``), output ``gamma (.) (X_c W) + beta``. As in the
+    paper, the gradient flows through the iterations, and eval uses running estimates of the mean and of W
+    (momentum). Cost O(B D^2 + T D^3) per field. T = ``iters`` (paper default 5) sets how far the spectrum is
+    flattened: T -> infinity is ZCA whitening (every singular value equal), which the spec's rank-D update spans too.
+    (M, B, F, D) -> (M, B, F, D).
+    """
+
+    def __init__(self, sets: int, fields: int, dim: int, iters: int = 5, momentum: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        if iters < 1 or not 0 < momentum <= 1:
+            raise _config_error(f"rebalance_iters must be >= 1 and momentum in (0, 1], got {iters}, {momentum}")
+        self.iters, self.momentum, self.eps = iters, momentum, eps
+        self.gain = nn.Parameter(torch.ones(sets, fields, dim))
+        self.bias = nn.Parameter(torch.zeros(sets, fields, dim))
+        self.register_buffer("running_mean", torch.zeros(sets, fields, dim))
+        self.register_buffer("running_wm", torch.eye(dim).repeat(sets, fields, 1, 1))
+
+    def whitening(self, xc: Tensor) -> Tensor:  # centred (M, B, F, D) -> W (M, F, D, D)
+        B, D = xc.shape[1], xc.shape[-1]
+        eye = torch.eye(D, dtype=xc.dtype, device=xc.device)
+        sigma = torch.einsum("mbfd,mbfe->mfde", xc, xc) / B + self.eps * eye
+        tr = sigma.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+        sn = sigma / tr
+        P = eye.expand_as(sigma)
+        for _ in range(self.iters):
+            P = 1.5 * P - 0.5 * torch.matmul(torch.matmul(torch.matmul(P, P), P), sn)
+        return P / tr.sqrt()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            mean = x.mean(1)
+            W = self.whitening(x - mean.unsqueeze(1))
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+                self.running_wm.lerp_(W.detach().to(self.running_wm.dtype), self.momentum)
+        else:
+            mean, W = self.running_mean, self.running_wm
+        return torch.einsum("mbfd,mfde->mbfe", x - mean.unsqueeze(1), W) * self.gain.unsqueeze(1) + \
+            self.bias.unsqueeze(1)
+
+
+class ContraNormRebalance(nn.Module):
+    """Rebalancing alternative (c) of ROBLOCK.md Sec. 2.2: ContraNorm (Guo et al., ICLR 2023, arXiv 2303.06562),
+    ``rebalance: contranorm``: one gradient step on the uniformity term of the contrastive loss, then LayerNorm:
+    ``X' = LayerNorm(X - s softmax(Xn Xn^T / tau) X)``, ``Xn`` the rows of X L2-normalised, softmax over rows.
+
+    Our reading of what the "tokens" are here: the B rows (samples) of each (set, field) embedding matrix, since the
+    collapse RoBlock rebalances is that of the per-field B x D matrices (the paper's GNN form, where the tokens are the
+    graph's nodes). So it costs O(B^2 D) per field (several cross layers at D = 10), and, as in the paper, it has no
+    running statistics: an example's output depends on the batch it is in, at eval too. LayerNorm over D with a
+    learnable gain and bias per (set, field). (M, B, F, D) -> (M, B, F, D).
+    """
+
+    def __init__(self, sets: int, fields: int, dim: int, scale: float = 0.1, temperature: float = 1.0,
+                 eps: float = 1e-6):
+        super().__init__()
+        if scale < 0 or temperature <= 0:
+            raise _config_error(f"contranorm needs scale >= 0 and temperature > 0, got {scale}, {temperature}")
+        self.scale, self.temperature, self.eps = scale, temperature, eps
+        self.gain = nn.Parameter(torch.ones(sets, fields, dim))
+        self.bias = nn.Parameter(torch.zeros(sets, fields, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.transpose(1, 2)  # (M, F, B, D)
+        xn = Fn.normalize(xf, dim=-1)
+        sim = torch.softmax(torch.matmul(xn, xn.transpose(-1, -2)) / self.temperature, -1)  # (M, F, B, B)
+        y = (xf - self.scale * torch.matmul(sim, xf)).transpose(1, 2)
+        return Fn.layer_norm(y, y.shape[-1:], eps=self.eps) * self.gain.unsqueeze(1) + self.bias.unsqueeze(1)
+
+
 # ------------------------------------------------------------------------------------- component 2: decoupler
 class Decoupler(nn.Module):
     """HSIC-guided embedding decoupler: K components per field (ROBLOCK.md Sec. 2.3; the map is our reading).
@@ -517,15 +593,17 @@ class RoBlock(nn.Module):
 
     def __init__(self, sets: int, heads: int, fields: int, dim: int, interaction: str = "cross",
                  rebalance: str = "rank1", rebalance_rank: int = 1, n_power: int = 1, momentum: float = 0.1,
-                 prenorm: bool = False, decoupler: str = "linear", components: int = 4,
+                 prenorm: bool = False, rebalance_iters: int = 5, contranorm_scale: float = 0.1,
+                 decoupler: str = "linear", components: int = 4,
                  share_decoupler_across_fields: bool = False, decoupler_act: bool = False, router: str = "dynamic",
                  router_temperature: float = 1.0, residual: str = "learnable", hsic_kernel: str = "linear",
                  hsic_estimator: str = "biased", hsic_normalized: bool = True, hsic_subsample: int = 1024,
                  hsic_across_sets: bool = False, dhen_modules: list[str] = list(MODULES),
                  dhen_shortcut: bool = True):
         super().__init__()
-        if rebalance not in ("rank1", "center", "none"):
-            raise _config_error(f"rebalance must be 'rank1', 'center' or 'none', got {rebalance!r}")
+        if rebalance not in ("rank1", "center", "iternorm", "contranorm", "none"):
+            raise _config_error(f"rebalance must be 'rank1', 'center', 'iternorm', 'contranorm' or 'none', "
+                                f"got {rebalance!r}")
         if residual not in ("learnable", "fixed", "none"):
             raise _config_error(f"residual must be 'learnable', 'fixed' or 'none', got {residual!r}")
         if hsic_kernel not in ("linear", "gaussian", "decorrelation"):
@@ -547,9 +625,15 @@ class RoBlock(nn.Module):
         self.hsic_subsample, self.hsic_across_sets = hsic_subsample, hsic_across_sets
         self.prenorm = prenorm
         self.interaction = Interaction(interaction, sets, fields, dim, dhen_modules, dhen_shortcut)
-        center = rebalance == "center"
-        self.rebalance = (RankOneRebalance(sets, fields, dim, rebalance_rank, n_power, momentum, center)
-                          if rebalance != "none" else None)
+        if rebalance in ("rank1", "center"):
+            self.rebalance = RankOneRebalance(sets, fields, dim, rebalance_rank, n_power, momentum,
+                                              rebalance == "center")
+        elif rebalance == "iternorm":
+            self.rebalance = IterNormRebalance(sets, fields, dim, rebalance_iters, momentum)
+        elif rebalance == "contranorm":
+            self.rebalance = ContraNormRebalance(sets, fields, dim, contranorm_scale)
+        else:
+            self.rebalance = None
         self.decoupler = (Decoupler(sets, fields, dim, components, decoupler, share_decoupler_across_fields,
                                     decoupler_act) if decoupler != "none" else None)
         K = components if self.decoupler is not None else 1
@@ -574,6 +658,7 @@ class RoBlock(nn.Module):
         """Whether ``forward`` can take the fused path (``fused_tail``): every component between the interaction and
         the residual is affine in z (or a router on top), and the HSIC is the per-field linear one."""
         return (self.fused and not (self.prenorm and self.rebalance is not None)
+                and (self.rebalance is None or isinstance(self.rebalance, RankOneRebalance))
                 and (self.decoupler is None or not self.decoupler.act)
                 and (self.router is None or self.router.local)  # the dense routers gain nothing from it
                 and not (want_hsic and (self.hsic_kernel != "linear" or self.hsic_across_sets)))
@@ -681,8 +766,9 @@ class RoBlockNet(nn.Module):
     def __init__(self, num_fields: int, dim: int, num_sets: int, interaction: Literal["cross", "cin", "dhen", "mlp",
                  "none"] = "cross", blocks: int = 4, heads: int | None = None, components: int = 4,
                  beta: float = 0.1, hsic_reduction: Literal["sum", "mean"] = "sum", log_hsic: bool = True,
-                 rebalance: Literal["rank1", "center", "none"] = "rank1", rebalance_rank: int = 1,
-                 n_power: int = 1, momentum: float = 0.1, prenorm: bool = False,
+                 rebalance: Literal["rank1", "center", "iternorm", "contranorm", "none"] = "rank1",
+                 rebalance_rank: int = 1, n_power: int = 1, momentum: float = 0.1, prenorm: bool = False,
+                 rebalance_iters: int = 5, contranorm_scale: float = 0.1,
                  decoupler: Literal["linear", "orth_split", "none"] = "linear",
                  share_decoupler_across_fields: bool = False, decoupler_act: bool = False,
                  router: Literal["dynamic", "factorized", "within_field", "static", "none"] = "dynamic",
@@ -711,7 +797,8 @@ class RoBlockNet(nn.Module):
         self.beta, self.hsic_reduction, self.log_hsic, self.x0_source = beta, hsic_reduction, log_hsic, x0_source
         self.interaction = interaction
         kw = dict(interaction=interaction, rebalance=rebalance, rebalance_rank=rebalance_rank, n_power=n_power,
-                  momentum=momentum, prenorm=prenorm, decoupler=decoupler, components=components,
+                  momentum=momentum, prenorm=prenorm, rebalance_iters=rebalance_iters,
+                  contranorm_scale=contranorm_scale, decoupler=decoupler, components=components,
                   share_decoupler_across_fields=share_decoupler_across_fields, decoupler_act=decoupler_act,
                   router=router, router_temperature=router_temperature, residual=residual, hsic_kernel=hsic_kernel,
                   hsic_estimator=hsic_estimator, hsic_normalized=hsic_normalized, hsic_subsample=hsic_subsample,
