@@ -137,7 +137,7 @@ ROBLOCK_DEPTHS = [1, 2, 4, 8]
 ROBLOCK_WIDTHS = [1, 4]
 ROBLOCK_BETAS = [0.0, 0.1, 0.5, 1.0]  # the beta grid the RoBlock reviews report [stated]
 ROBLOCK_KS = [1, 2, 4, 8]
-ROBLOCK_ROUTERS = ("dynamic", "factorized", "within_field", "static")  # = roblock.FieldRouter.VARIANTS (tested)
+ROBLOCK_ROUTERS = ("dynamic", "factorized", "within_field", "static", "attention", "topk")  # FieldRouter.VARIANTS
 
 
 def _width_config(width: int, root: Path) -> str:

@@ -229,7 +229,9 @@ def full_net(interaction="cross", M=2, **kw) -> RoBlockNet:
                                             ("cross", {"hsic_kernel": "gaussian", "hsic_estimator": "unbiased"}),
                                             ("cross", {"hsic_kernel": "decorrelation", "hsic_across_sets": True}),
                                             ("cross", {"rebalance": "iternorm", "router": "factorized"}),
-                                            ("mlp", {"rebalance": "contranorm"})])
+                                            ("mlp", {"rebalance": "contranorm"}),
+                                            ("cross", {"router": "attention"}),
+                                            ("cross", {"router": "topk", "router_topk": 3})])
 def test_gradients_reach_every_parameter(interaction, kw):
     net = full_net(interaction, **kw)
     e = torch.randn(2, 64, 5, 4, requires_grad=True)
@@ -676,3 +678,58 @@ def test_contranorm_equals_the_paper_formula_per_field():
             torch.testing.assert_close(y[m, :, f], H * r.gain[m, f] + r.bias[m, f], rtol=1e-10, atol=1e-10)
     r0 = ContraNormRebalance(2, 3, 4, scale=0.0).double()
     torch.testing.assert_close(r0(x), torch.nn.functional.layer_norm(x, (4,), eps=r0.eps), rtol=1e-12, atol=1e-12)
+
+
+def test_attention_router_is_scaled_dot_product_attention_over_all_components():
+    """``attention``: per head, softmax_c((ybar_f W^Q) . (C_c W^K) / sqrt(D)) over all M F K candidates, values the
+    candidates; a naive loop over heads and output fields checks gates and outputs."""
+    torch.manual_seed(8)
+    M, H, B, F, K, D = 2, 2, 8, 3, 2, 4
+    r = FieldRouter(M, H, F, D, K, "attention")
+    y, c = torch.randn(M, B, F, D), torch.randn(M, B, F, K, D)
+    out, g = r(y, c), r.gates(y, c)
+    torch.testing.assert_close(g.sum(-1), torch.ones(B, F, H))
+    cands = torch.stack([c[m, :, fp, k] for m in range(M) for fp in range(F) for k in range(K)], 1)  # (B, N, D)
+    for h in range(H):
+        for f in range(F):
+            q = y.mean(0)[:, f] @ r.Wq[h]  # (B, D)
+            logits = torch.einsum("bd,bnd->bn", q, cands @ r.Wk[h]) / math.sqrt(D)
+            gate = torch.softmax(logits, -1)
+            torch.testing.assert_close(g[:, f, h], gate, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(out[h, :, f], torch.einsum("bn,bnd->bd", gate, cands), rtol=1e-5, atol=1e-6)
+
+
+def test_topk_router_keeps_k_candidates_and_balances_load():
+    """``topk``: exactly k non-zero gates per (sample, field, head), equal to the full softmax renormalised over them;
+    the load-balancing loss is N sum_c f_c P_c (1 at a perfectly uniform router, larger when the choices pile up),
+    enters the loss through ``regularization`` with ``router_aux_weight`` and is logged as ``router_aux``."""
+    torch.manual_seed(9)
+    M, H, B, F, K, D = 1, 2, 32, 3, 2, 4
+    r = FieldRouter(M, H, F, D, K, "topk", topk=2)
+    r.train()
+    y, c = torch.randn(M, B, F, D), torch.randn(M, B, F, K, D)
+    g = r.gates(y)
+    assert ((g > 0).sum(-1) == 2).all()
+    torch.testing.assert_close(g.sum(-1), torch.ones(B, F, H))
+    full = FieldRouter(M, H, F, D, K, "dynamic")
+    full.load_state_dict(r.state_dict())
+    p = full.gates(y)
+    kept = g > 0
+    torch.testing.assert_close(g[kept], (p * kept / (p * kept).sum(-1, keepdim=True))[kept])
+    N = r.n
+    chosen = kept.float() / 2
+    torch.testing.assert_close(r.last_aux, N * (chosen.mean(0) * p.mean(0)).sum(-1).mean())
+    with torch.no_grad():  # a router that always picks the same two candidates is penalised above the uniform 1
+        r.U.zero_(), r.c.zero_()
+        r.c.view(F, H, N)[..., :2] = 5.0
+    r.gates(y)
+    assert r.last_aux.item() > 1.5
+    net = RoBlockNet(F, D, 1, blocks=2, router="topk", components=K, router_aux_weight=0.5, hidden=[8, 8])
+    net.train()
+    net(torch.randn(1, B, F, D))
+    aux = net.router_aux()
+    assert aux is not None and aux.requires_grad
+    torch.testing.assert_close(net.regularization(), net.beta * net.hsic_total() + 0.5 * aux)
+    assert "router_aux" in net.aux_metrics()
+    with pytest.raises(ConfigError, match="router_topk must be in 1..6"):
+        FieldRouter(1, 1, F, D, K, "topk", topk=7)

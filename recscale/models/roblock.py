@@ -411,14 +411,22 @@ class FieldRouter(nn.Module):
       block at batch 2048) would not fit; R4 names "dynamic routing" among RoBlock's costly operations.
     * ``within_field``: beta alone (Omega = I: candidates of field f only); ``static``: input-independent logits
       ``c_f`` over all candidates (violates "dynamic"; an ablation).
+    * ``attention`` (alternative (c)): per head, AutoInt-like scaled dot-product attention of the output field's query
+      over all candidates, ``g_{m',f} = softmax_c((ybar_f W^Q_{m'}) . (C_c W^K_{m'}) / sqrt(D) / T)``, the values being
+      the candidates themselves; projections shared over fields, as in AutoInt.
+    * ``topk`` (alternative (d)): the ``dynamic`` logits, kept only for their ``topk`` largest entries per output
+      field and head (softmax over those), with the Switch Transformer load-balancing loss (Fedus et al. 2021,
+      Eq. 4) per (field, head) pool, ``N sum_c f_c P_c`` (f_c: fraction of the top-k choices that went to c, P_c:
+      mean full-softmax probability of c), averaged over pools; ``last_aux`` holds it after a training forward and
+      RoBlockNet adds ``router_aux_weight`` times it to the loss.
 
     (M, B, F, D), (M, B, F, K, D) -> (M', B, F, D); ``mix_batchlast`` is the same map on batch-last inputs.
     """
 
-    VARIANTS = ("dynamic", "factorized", "within_field", "static")
+    VARIANTS = ("dynamic", "factorized", "within_field", "static", "attention", "topk")
 
     def __init__(self, sets: int, heads: int, fields: int, dim: int, components: int, variant: str = "dynamic",
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, topk: int = 2):
         super().__init__()
         if variant not in self.VARIANTS:
             raise _config_error(f"router must be one of {', '.join(self.VARIANTS)} or 'none', got {variant!r}")
@@ -429,6 +437,13 @@ class FieldRouter(nn.Module):
         self.local = variant in ("within_field", "factorized")  # gates over the field's own (set, component) pairs
         self.n = sets * components * (1 if self.local else fields)
         bound = 1 / math.sqrt(dim)
+        if variant == "topk" and not 1 <= topk <= self.n:
+            raise _config_error(f"router_topk must be in 1..{self.n} (the candidates per field), got {topk}")
+        self.topk, self.last_aux = topk, None
+        if variant == "attention":
+            self.Wq = nn.Parameter(torch.empty(heads, dim, dim).uniform_(-bound, bound))
+            self.Wk = nn.Parameter(torch.empty(heads, dim, dim).uniform_(-bound, bound))
+            return
         self.U = (nn.Parameter(torch.empty(fields, dim, heads * self.n).uniform_(-bound, bound))
                   if variant != "static" else None)
         self.c = nn.Parameter(torch.zeros(fields, heads * self.n))
@@ -448,8 +463,19 @@ class FieldRouter(nn.Module):
         logits = c.unsqueeze(1).expand(F, B, -1) if U is None else torch.baddbmm(c.unsqueeze(1), yb, U)
         return torch.softmax(logits.view(F, B, self.heads, self.n), -1)
 
-    def gates(self, y: Tensor) -> Tensor:  # (M, B, F, D) -> (B, F, M', N) over all candidates, rows sum to 1
+    def gates(self, y: Tensor, c: Tensor | None = None) -> Tensor:
+        """(M, B, F, D) (and, for ``attention``, the candidates (M, B, F, K, D)) -> (B, F, M', N) over all
+        candidates, rows sum to 1."""
+        if self.variant == "attention":
+            M, B, F, K, D = c.shape
+            cand = c.permute(1, 0, 2, 3, 4).reshape(B, M * F * K, D)
+            q = torch.einsum("bfd,hde->bhfe", y.mean(0), self.Wq)
+            k = torch.einsum("bnd,hde->bhne", cand, self.Wk)
+            logits = torch.matmul(q, k.transpose(-1, -2)) / (math.sqrt(D) * self.temperature)  # (B, M', F, N)
+            return torch.softmax(logits, -1).transpose(1, 2)
         g = self.local_gates(y.mean(0).transpose(0, 1)).transpose(0, 1)  # (B, F, M', n)
+        if self.variant == "topk":
+            return self._topk(g)
         if self.variant != "factorized":
             return g
         M, B, F, D = y.shape
@@ -457,8 +483,19 @@ class FieldRouter(nn.Module):
         full = torch.einsum("hgf,bfhmk->bghmfk", self.field_mix(), g.view(B, F, self.heads, M, K))
         return full.reshape(B, F, self.heads, M * F * K)  # candidate n = (m F + f') K + k
 
+    def _topk(self, p: Tensor) -> Tensor:
+        """Top-k gates from the full softmax p (B, F, M', N): ``softmax`` over the k largest logits equals p
+        renormalised over them. Sets ``last_aux`` (the load-balancing loss) in training."""
+        top, idx = p.topk(self.topk, -1)
+        g = torch.zeros_like(p).scatter(-1, idx, top / top.sum(-1, keepdim=True))
+        if self.training:
+            chosen = torch.zeros_like(p).scatter(-1, idx, 1.0 / self.topk)  # f_c per slot, no gradient
+            self.last_aux = self.n * (chosen.mean(0) * p.mean(0)).sum(-1).mean()
+        return g
+
     def forward(self, y: Tensor, c: Tensor) -> Tensor:
         M, B, F, K, D = c.shape
+        self.last_aux = None
         if self.fused and self.variant == "dynamic" and self.temperature == 1.0:
             cand = c.permute(1, 0, 2, 3, 4).reshape(B, M * F * K, D)  # candidate n = (m F + f') K + k
             out = _ROUTER_MIX.get(c.device.type, _RouterMix).apply(y.mean(0), self.U, self.c, cand, self.heads,
@@ -468,7 +505,7 @@ class FieldRouter(nn.Module):
             g = self.local_gates(y.mean(0).transpose(0, 1))  # (F, B, M', M K)
             cand = c.permute(2, 1, 0, 3, 4).reshape(F, B, M * K, D)  # candidate n = m K + k of field f
             return self._mix_local(g, cand)
-        g = self.gates(y)
+        g = self.gates(y, c)
         cand = c.permute(1, 0, 2, 3, 4).reshape(B, M * F * K, D)  # candidate n = (m F + f') K + k
         out = torch.matmul(g.reshape(B, F * self.heads, self.n), cand).view(B, F, self.heads, D)
         return out.permute(2, 0, 1, 3)
@@ -596,7 +633,8 @@ class RoBlock(nn.Module):
                  prenorm: bool = False, rebalance_iters: int = 5, contranorm_scale: float = 0.1,
                  decoupler: str = "linear", components: int = 4,
                  share_decoupler_across_fields: bool = False, decoupler_act: bool = False, router: str = "dynamic",
-                 router_temperature: float = 1.0, residual: str = "learnable", hsic_kernel: str = "linear",
+                 router_temperature: float = 1.0, router_topk: int = 2, residual: str = "learnable",
+                 hsic_kernel: str = "linear",
                  hsic_estimator: str = "biased", hsic_normalized: bool = True, hsic_subsample: int = 1024,
                  hsic_across_sets: bool = False, dhen_modules: list[str] = list(MODULES),
                  dhen_shortcut: bool = True):
@@ -637,7 +675,7 @@ class RoBlock(nn.Module):
         self.decoupler = (Decoupler(sets, fields, dim, components, decoupler, share_decoupler_across_fields,
                                     decoupler_act) if decoupler != "none" else None)
         K = components if self.decoupler is not None else 1
-        self.router = (FieldRouter(sets, heads, fields, dim, K, router, router_temperature)
+        self.router = (FieldRouter(sets, heads, fields, dim, K, router, router_temperature, router_topk)
                        if router != "none" else None)
         self.alpha = nn.Parameter(torch.ones(())) if residual == "learnable" else None
         self.fused = True  # ``fused_tail`` where it applies; tests switch it off to compare with the modules' path
@@ -771,8 +809,10 @@ class RoBlockNet(nn.Module):
                  rebalance_iters: int = 5, contranorm_scale: float = 0.1,
                  decoupler: Literal["linear", "orth_split", "none"] = "linear",
                  share_decoupler_across_fields: bool = False, decoupler_act: bool = False,
-                 router: Literal["dynamic", "factorized", "within_field", "static", "none"] = "dynamic",
-                 router_temperature: float = 1.0, residual: Literal["learnable", "fixed", "none"] = "learnable",
+                 router: Literal["dynamic", "factorized", "within_field", "static", "attention", "topk",
+                                 "none"] = "dynamic",
+                 router_temperature: float = 1.0, router_topk: int = 2, router_aux_weight: float = 0.01,
+                 residual: Literal["learnable", "fixed", "none"] = "learnable",
                  hsic_kernel: Literal["linear", "gaussian", "decorrelation"] = "linear",
                  hsic_estimator: Literal["biased", "unbiased"] = "biased", hsic_normalized: bool = True,
                  hsic_subsample: int = 1024, hsic_across_sets: bool = False,
@@ -794,13 +834,17 @@ class RoBlockNet(nn.Module):
         if x0_source not in ("input", "regenerated"):
             raise _config_error(f"x0_source must be 'input' or 'regenerated', got {x0_source!r}")
         H = heads or num_sets
+        if router_aux_weight < 0:
+            raise _config_error(f"router_aux_weight must be >= 0, got {router_aux_weight}")
         self.beta, self.hsic_reduction, self.log_hsic, self.x0_source = beta, hsic_reduction, log_hsic, x0_source
+        self.router_aux_weight = router_aux_weight
         self.interaction = interaction
         kw = dict(interaction=interaction, rebalance=rebalance, rebalance_rank=rebalance_rank, n_power=n_power,
                   momentum=momentum, prenorm=prenorm, rebalance_iters=rebalance_iters,
                   contranorm_scale=contranorm_scale, decoupler=decoupler, components=components,
                   share_decoupler_across_fields=share_decoupler_across_fields, decoupler_act=decoupler_act,
-                  router=router, router_temperature=router_temperature, residual=residual, hsic_kernel=hsic_kernel,
+                  router=router, router_temperature=router_temperature, router_topk=router_topk,
+                  residual=residual, hsic_kernel=hsic_kernel,
                   hsic_estimator=hsic_estimator, hsic_normalized=hsic_normalized, hsic_subsample=hsic_subsample,
                   hsic_across_sets=hsic_across_sets, dhen_modules=dhen_modules, dhen_shortcut=dhen_shortcut)
         # every_k: layer l is a RoBlock when (l + 1) % k == 0, else the backbone's plain layer (ROBLOCK.md Sec. 2.1
@@ -844,15 +888,26 @@ class RoBlockNet(nn.Module):
         t = torch.stack(self._hsic)
         return t.sum() if self.hsic_reduction == "sum" else t.mean()
 
+    def router_aux(self) -> Tensor | None:
+        """The top-k router's load-balancing loss of the last training forward, summed over blocks; None if none."""
+        aux = [b.router.last_aux for b in self.stack if b.router is not None and b.router.last_aux is not None]
+        return torch.stack(aux).sum() if aux else None
+
     def regularization(self) -> Tensor:
-        t = self.hsic_total()
-        if t is None or self.beta == 0:
-            return self.tower.out.weight.new_zeros(())
-        return self.beta * t
+        t, aux = self.hsic_total(), self.router_aux()
+        reg = self.tower.out.weight.new_zeros(())
+        if t is not None and self.beta != 0:
+            reg = reg + self.beta * t
+        if aux is not None and self.router_aux_weight != 0:
+            reg = reg + self.router_aux_weight * aux
+        return reg
 
     def aux_metrics(self) -> dict[str, Tensor]:
-        t = self.hsic_total()
-        return {} if t is None else {"hsic": t.detach()}
+        t, aux = self.hsic_total(), self.router_aux()
+        out = {} if t is None else {"hsic": t.detach()}
+        if aux is not None:
+            out["router_aux"] = aux.detach()
+        return out
 
     def forward(self, e: Tensor) -> Tensor:
         outs = self.layer_outputs(e)
