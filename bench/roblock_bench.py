@@ -19,7 +19,7 @@ Then a per-component split of one block (forward + backward, median of ``--split
 activations: interaction (cross layer) / rebalancing (R1UN) / decoupler + HSIC / dense router, each through its own
 module (the path the dense ``dynamic`` router trains on), then the fused tail (``RoBlock.fused_tail``: rebalancing,
 decoupler, HSIC and router in one pass, the path of the field-local routers) for the ``factorized`` and
-``within_field`` routers, and the Gaussian HSIC.
+``within_field`` routers, and the Gaussian HSIC and its random-Fourier-feature approximation.
 Target (issue 11): roblock step time <= 1.5 x plain.
 """
 
@@ -127,6 +127,8 @@ def component_split(M: int, B: int, F: int, D: int, reps: int, gaussian: bool) -
     if gaussian:
         blk.hsic_kernel = "gaussian"
         out["gaussian hsic (alone)"] = timed(lambda: blk.hsic(c).backward(), reps)
+        rff = RoBlock(M, M, F, D, interaction="cross", components=4, hsic_kernel="rff")
+        out["rff hsic, 256 features (alone)"] = timed(lambda: rff.hsic(c).backward(), reps)
         blk.hsic_kernel = "linear"
         out["linear hsic (alone)"] = timed(lambda: blk.hsic(c).backward(), reps)
     return out

@@ -18,6 +18,8 @@ from recscale.models.backbones import ConfigError
 from recscale.models.dhen import DHENLayer
 from recscale.models.hsic import (
     gaussian_gram,
+    rff_features,
+    rff_hsic_pairs,
     hsic_biased,
     hsic_unbiased,
     kernel_hsic_pairs,
@@ -230,7 +232,7 @@ def full_net(interaction="cross", M=2, **kw) -> RoBlockNet:
                                             ("cross", {"hsic_kernel": "decorrelation", "hsic_across_sets": True}),
                                             ("cross", {"rebalance": "iternorm", "router": "factorized"}),
                                             ("mlp", {"rebalance": "contranorm"}),
-                                            ("cross", {"router": "attention"}),
+                                            ("cross", {"router": "attention", "hsic_kernel": "rff"}),
                                             ("cross", {"router": "topk", "router_topk": 3})])
 def test_gradients_reach_every_parameter(interaction, kw):
     net = full_net(interaction, **kw)
@@ -733,3 +735,29 @@ def test_topk_router_keeps_k_candidates_and_balances_load():
     assert "router_aux" in net.aux_metrics()
     with pytest.raises(ConfigError, match="router_topk must be in 1..6"):
         FieldRouter(1, 1, F, D, K, "topk", topk=7)
+
+
+def test_rff_hsic_is_the_biased_hsic_of_the_feature_grams_and_approximates_the_gaussian():
+    """Random-Fourier-feature HSIC: exactly the biased HSIC of the Grams ``Phi Phi^T`` (algebra, float64), and those
+    Grams approximate the Gaussian kernel (Rahimi & Recht): with r = 20,000 features each entry is a mean of r
+    bounded terms, so its error is ~sqrt(2/r) ~ 0.01; 0.05 bounds it with room. It is ~0 for independent and
+    clearly positive for dependent inputs, like the Gaussian estimator."""
+    g = torch.Generator().manual_seed(11)
+    n, d, r = 60, 5, 20000
+    a = torch.randn(n, d, generator=g, dtype=torch.float64)
+    b = a + 0.3 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    W = torch.randn(d, r, generator=g, dtype=torch.float64)
+    u = torch.rand(r, generator=g, dtype=torch.float64) * 2 * math.pi
+    pa, pb = rff_features(a, W, u, 1.5), rff_features(b, W, u, 1.5)
+    h = rff_hsic_pairs(torch.stack([a, b], -2), W, u, normalized=False, sigma=1.5)
+    torch.testing.assert_close(h[0], hsic_biased(pa @ pa.T, pb @ pb.T), rtol=1e-10, atol=1e-14)
+    assert (pa @ pa.T - gaussian_gram(a, sigma=1.5)).abs().max() < 0.05
+    dep = rff_hsic_pairs(torch.stack([a, b], -2), W[:, :2000], u[:2000], normalized=True)
+    ind = rff_hsic_pairs(torch.stack([a, torch.randn(n, d, generator=g, dtype=torch.float64)], -2), W[:, :2000],
+                         u[:2000], normalized=True)
+    assert dep.item() > 0.5 and ind.item() < 0.25
+    # the sample-space form (taken when K D > n) equals the feature-space one
+    c = torch.randn(3, 20, 2, 15, generator=g, dtype=torch.float64)
+    xc = c.reshape(3, 20, 30) - c.reshape(3, 20, 30).mean(1, keepdim=True)
+    S = (xc.transpose(1, 2) @ xc).view(3, 2, 15, 2, 15).pow(2).sum((-1, -3))
+    torch.testing.assert_close(linear_hsic_pairs(c)[:, 0], S[:, 0, 1] / (S[:, 0, 0] * S[:, 1, 1]).sqrt())

@@ -12,6 +12,10 @@ estimator and the normalisation are our reading (ROBLOCK.md marks them [ours]):
   the median heuristic) unless given. Biased estimator ``tr(K H L H) / (n - 1)^2`` (Gretton et al. 2005); unbiased
   estimator of Song et al. (2012), with ``K~``, ``L~`` the Grams with zeroed diagonals:
   ``HSIC_u = [tr(K~ L~) + 1^T K~ 1 1^T L~ 1 / ((n-1)(n-2)) - 2/(n-2) 1^T K~ L~ 1] / (n (n-3))``.
+* Random Fourier features (ROBLOCK.md Sec. 2.3 alternative (b), the "reduced HSIC" R4 asks for): the Gaussian
+  kernel approximated as ``k(a, a') ~ phi(a) . phi(a')`` with ``phi(a) = sqrt(2 / r) cos(a W / s + u)``,
+  ``W ~ N(0, I)`` (d x r), ``u ~ U[0, 2 pi)`` (Rahimi & Recht 2007), fixed per module; the biased HSIC of the
+  approximate Grams is then exactly the linear HSIC of the features, O(n d r) instead of O(n^2 d).
 * Decorrelation surrogate (the "why HSIC" ablation): the mean squared off-diagonal entry of the correlation matrix of
   all components' columns (Barlow-Twins style; within- and across-component pairs).
 """
@@ -59,7 +63,23 @@ def linear_hsic_pairs(c: Tensor, normalized: bool = True, eps: float = 1e-12) ->
     *lead, n, K, D = c.shape
     x = c.reshape(*lead, n, K * D)
     x = x - x.mean(-2, keepdim=True)
-    return linear_hsic_from_gram(gram(x), K, n, normalized, eps)
+    if K * D <= n:
+        return linear_hsic_from_gram(gram(x), K, n, normalized, eps)
+    # wide components (e.g. random features): the sample-space form ||A_c^T C_c||_F^2 = sum(K_c * L_c) with the
+    # n x n Grams K_c = A_c A_c^T, O(K n^2) memory instead of O((K D)^2)
+    xs = x.view(*lead, n, K, D).movedim(-2, -3)  # (..., K, n, D)
+    G = torch.matmul(xs, xs.transpose(-1, -2))  # (..., K, n, n)
+    q = torch.einsum("...kab,...jab->...kj", G, G)
+    return _pairs(q, K, n, normalized, eps)
+
+
+def _pairs(q: Tensor, K: int, n: int, normalized: bool, eps: float) -> Tensor:
+    """(..., K, K) squared cross-covariance norms -> the K(K-1)/2 pair values (CKA or HSIC)."""
+    i, j = pair_index(K, q.device)
+    if normalized:
+        d = q.diagonal(dim1=-2, dim2=-1)
+        return q[..., i, j] / (d[..., i] * d[..., j]).clamp_min(eps).sqrt()
+    return q[..., i, j] / (n - 1) ** 2
 
 
 def linear_hsic_from_gram(S: Tensor, K: int, n: int, normalized: bool = True, eps: float = 1e-12) -> Tensor:
@@ -68,11 +88,7 @@ def linear_hsic_from_gram(S: Tensor, K: int, n: int, normalized: bool = True, ep
     components are an affine map ``C = X A + a`` of the block input (centring removes ``a``)."""
     D = S.shape[-1] // K
     q = S.reshape(*S.shape[:-2], K, D, K, D).pow(2).sum((-1, -3))  # (..., K, K): ||S_kj||_F^2
-    i, j = pair_index(K, S.device)
-    if normalized:
-        d = q.diagonal(dim1=-2, dim2=-1)
-        return q[..., i, j] / (d[..., i] * d[..., j]).clamp_min(eps).sqrt()
-    return q[..., i, j] / (n - 1) ** 2
+    return _pairs(q, K, n, normalized, eps)
 
 
 def decorrelation_penalty(c: Tensor, eps: float = 1e-8) -> Tensor:
@@ -100,6 +116,31 @@ def gaussian_gram(x: Tensor, sigma: float | None = None) -> Tensor:
     else:
         s2 = torch.as_tensor(sigma**2, dtype=x.dtype, device=x.device)
     return torch.exp(-d2 / (2 * s2))
+
+
+def median_bandwidth(x: Tensor, rows: int = 512) -> Tensor:
+    """The median heuristic's s (detached) from the first ``rows`` rows: (..., n, d) -> (...)."""
+    with torch.no_grad():
+        x = x[..., :rows, :]
+        sq = x.pow(2).sum(-1)
+        d2 = (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2 * torch.matmul(x, x.transpose(-1, -2))).clamp_min(0)
+        n = x.shape[-2]
+        iu = torch.triu_indices(n, n, offset=1, device=x.device)
+        return d2[..., iu[0], iu[1]].median(-1).values.clamp_min(1e-12).sqrt()
+
+
+def rff_features(x: Tensor, W: Tensor, u: Tensor, sigma: Tensor | float) -> Tensor:
+    """``sqrt(2 / r) cos(x W / s + u)``: x (..., n, d), W (d, r), u (r,), s broadcastable to (..., 1, 1)."""
+    s = sigma if isinstance(sigma, float) else sigma[..., None, None]
+    return torch.cos(torch.matmul(x, W) / s + u) * (2.0 / W.shape[-1]) ** 0.5
+
+
+def rff_hsic_pairs(c: Tensor, W: Tensor, u: Tensor, normalized: bool = True, sigma: float | None = None) -> Tensor:
+    """Random-Fourier-feature HSIC (or CKA) of every component pair: c (..., n, K, d) -> (..., K(K-1)/2); the
+    bandwidth of each component is the median heuristic's unless ``sigma`` is given."""
+    comps = c.movedim(-2, -3)  # (..., K, n, d)
+    s = median_bandwidth(comps) if sigma is None else float(sigma)
+    return linear_hsic_pairs(rff_features(comps, W, u, s).movedim(-3, -2), normalized)
 
 
 def hsic_biased(K: Tensor, L: Tensor) -> Tensor:

@@ -34,6 +34,7 @@ from recscale.models.hsic import (
     kernel_hsic_pairs,
     linear_hsic_from_gram,
     linear_hsic_pairs,
+    rff_hsic_pairs,
 )
 from recscale.models.layers import SetLinear, Tower, flatten
 
@@ -624,7 +625,8 @@ class RoBlock(nn.Module):
 
     ``hsic`` is the block term ``mean over m, f and pairs k < j of nHSIC(C_{m,f,k}, C_{m,f,j})`` (linear kernel, per
     field), or with ``hsic_kernel="gaussian"`` the same over the flattened (B, F*D) components per set (rows subsampled
-    to ``hsic_subsample``), or ``"decorrelation"`` the surrogate; ``hsic_across_sets`` adds the pairs between sets.
+    to ``hsic_subsample``), or ``"rff"`` the same kernel through ``hsic_features`` random Fourier features (all
+    rows), or ``"decorrelation"`` the surrogate; ``hsic_across_sets`` adds the pairs between sets.
     It is computed only when ``want_hsic`` (training).
     """
 
@@ -636,7 +638,7 @@ class RoBlock(nn.Module):
                  router_temperature: float = 1.0, router_topk: int = 2, residual: str = "learnable",
                  hsic_kernel: str = "linear",
                  hsic_estimator: str = "biased", hsic_normalized: bool = True, hsic_subsample: int = 1024,
-                 hsic_across_sets: bool = False, dhen_modules: list[str] = list(MODULES),
+                 hsic_features: int = 256, hsic_across_sets: bool = False, dhen_modules: list[str] = list(MODULES),
                  dhen_shortcut: bool = True):
         super().__init__()
         if rebalance not in ("rank1", "center", "iternorm", "contranorm", "none"):
@@ -644,8 +646,11 @@ class RoBlock(nn.Module):
                                 f"got {rebalance!r}")
         if residual not in ("learnable", "fixed", "none"):
             raise _config_error(f"residual must be 'learnable', 'fixed' or 'none', got {residual!r}")
-        if hsic_kernel not in ("linear", "gaussian", "decorrelation"):
-            raise _config_error(f"hsic_kernel must be 'linear', 'gaussian' or 'decorrelation', got {hsic_kernel!r}")
+        if hsic_kernel not in ("linear", "gaussian", "rff", "decorrelation"):
+            raise _config_error(f"hsic_kernel must be 'linear', 'gaussian', 'rff' or 'decorrelation', "
+                                f"got {hsic_kernel!r}")
+        if hsic_kernel == "rff" and hsic_features < 1:
+            raise _config_error(f"hsic_features must be >= 1, got {hsic_features}")
         if hsic_estimator not in ("biased", "unbiased"):
             raise _config_error(f"hsic_estimator must be 'biased' or 'unbiased', got {hsic_estimator!r}")
         if hsic_estimator == "unbiased" and hsic_kernel != "gaussian":
@@ -678,6 +683,10 @@ class RoBlock(nn.Module):
         self.router = (FieldRouter(sets, heads, fields, dim, K, router, router_temperature, router_topk)
                        if router != "none" else None)
         self.alpha = nn.Parameter(torch.ones(())) if residual == "learnable" else None
+        if hsic_kernel == "rff":  # fixed random features (a buffer: saved with the model, same on every rank)
+            g = torch.Generator().manual_seed(0)
+            self.register_buffer("rff_w", torch.randn(fields * dim, hsic_features, generator=g))
+            self.register_buffer("rff_u", torch.rand(hsic_features, generator=g) * 2 * math.pi)
         self.fused = True  # ``fused_tail`` where it applies; tests switch it off to compare with the modules' path
 
     def hsic(self, c: Tensor) -> Tensor:  # (M, B, F, K, D) -> scalar
@@ -688,6 +697,9 @@ class RoBlock(nn.Module):
             return linear_hsic_pairs(c.transpose(1, 2), self.hsic_normalized).mean()  # (M, F, B, K, D) batches
         if self.hsic_kernel == "decorrelation":
             return decorrelation_penalty(c.transpose(1, 2)).mean()
+        if self.hsic_kernel == "rff":  # flattened components, all rows: O(B F D r)
+            flat = c.permute(0, 1, 3, 2, 4).reshape(c.shape[0], B, c.shape[3], F * D)
+            return rff_hsic_pairs(flat, self.rff_w.to(c.dtype), self.rff_u.to(c.dtype), self.hsic_normalized).mean()
         n = min(B, self.hsic_subsample)
         flat = c[:, :n].permute(0, 1, 3, 2, 4).reshape(c.shape[0], n, c.shape[3], F * D)  # (M, n, K, F*D)
         return kernel_hsic_pairs(flat, self.hsic_estimator, self.hsic_normalized).mean()
@@ -813,9 +825,9 @@ class RoBlockNet(nn.Module):
                                  "none"] = "dynamic",
                  router_temperature: float = 1.0, router_topk: int = 2, router_aux_weight: float = 0.01,
                  residual: Literal["learnable", "fixed", "none"] = "learnable",
-                 hsic_kernel: Literal["linear", "gaussian", "decorrelation"] = "linear",
+                 hsic_kernel: Literal["linear", "gaussian", "rff", "decorrelation"] = "linear",
                  hsic_estimator: Literal["biased", "unbiased"] = "biased", hsic_normalized: bool = True,
-                 hsic_subsample: int = 1024, hsic_across_sets: bool = False,
+                 hsic_subsample: int = 1024, hsic_features: int = 256, hsic_across_sets: bool = False,
                  x0_source: Literal["input", "regenerated"] = "input", dhen_modules: list[str] = list(MODULES),
                  dhen_shortcut: bool = True, every_k: int = 1, hidden: list[int] = [400, 400],
                  dropout: float = 0.2):
@@ -844,8 +856,8 @@ class RoBlockNet(nn.Module):
                   contranorm_scale=contranorm_scale, decoupler=decoupler, components=components,
                   share_decoupler_across_fields=share_decoupler_across_fields, decoupler_act=decoupler_act,
                   router=router, router_temperature=router_temperature, router_topk=router_topk,
-                  residual=residual, hsic_kernel=hsic_kernel,
-                  hsic_estimator=hsic_estimator, hsic_normalized=hsic_normalized, hsic_subsample=hsic_subsample,
+                  residual=residual, hsic_kernel=hsic_kernel, hsic_estimator=hsic_estimator,
+                  hsic_normalized=hsic_normalized, hsic_subsample=hsic_subsample, hsic_features=hsic_features,
                   hsic_across_sets=hsic_across_sets, dhen_modules=dhen_modules, dhen_shortcut=dhen_shortcut)
         # every_k: layer l is a RoBlock when (l + 1) % k == 0, else the backbone's plain layer (ROBLOCK.md Sec. 2.1
         # alternative): every component off, with the backbone's own residual (DCNv2's "+ x_l"; none for CIN, DHEN
