@@ -400,16 +400,18 @@ class FieldRouter(nn.Module):
     * ``dynamic`` (the specification's form): ``g_{m',f} = softmax_c((ybar_f U_f + c_f)_{m'} / T)``,
       ``ybar_f = mean_m Y_{m,f}``, and ``E'_{m',f} = sum_c g_{m',f,c} C_c``. It builds B F M' (M F K) gates per block,
       quadratic in fields and in sets.
-    * ``factorized`` (our reading; the default of the RoBlock configs): the same gate over all N candidates, factorised
-      into a dynamic field-wise choice of components and a learned cross-field mixing,
-      ``g_{m',f,(m,f',k)} = Omega_{m',f,f'} beta_{m',f',(m,k)}``, ``beta_{m',f'} = softmax_{(m,k)}((ybar_{f'} U_{f'} +
-      c_{f'})_{m'} / T)`` and ``Omega_{m',f} = softmax_{f'}(omega_{m',f})``. Both factors are distributions, so
-      ``g_{m',f}`` sums to 1 over the N candidates; it is input-dependent (through beta, per sample) and mixes across
-      fields (through Omega), and it is linear, not quadratic, in F and M per head: B F M' (M K) gates and one
-      (F x F) mixing per head. ``omega`` starts at ``log(F - 1) I``, so every output field starts half itself, half
-      the mean of the others. Why it is the configs' default: the dense form costs several cross layers per block on
-      the CPU (BENCHMARKS.md, "RoBlock") and grows as (M F)^2, so the width-scaling runs (M = 10: 1.25 G gates per
-      block at batch 2048) would not fit; R4 names "dynamic routing" among RoBlock's costly operations.
+    * ``factorized`` (our reading; an option, the specification keeps ``dynamic`` as the default): the same kind of
+      gate over all N candidates, factorised into a dynamic field-wise choice of components and a learned
+      cross-field mixing, ``g_{m',f,(m,f',k)} = Omega_{m',f,f'} beta_{m',f',(m,k)}``, with
+      ``beta_{m',f'} = softmax_{(m,k)}((ybar_{f'} U_{f'} + c_{f'})_{m'} / T)`` and ``Omega_{m',f} =
+      softmax_{f'}(omega_{m',f})``. Both factors are distributions, so ``g_{m',f}`` sums to 1 over the N candidates;
+      it is input-dependent (through beta, per sample) and mixes across fields (through Omega), and per head it is
+      linear, not quadratic, in F: B F M' (M K) gates and one (F x F) mixing. ``omega`` starts at
+      ``log(F - 1) I``, so every output field starts half itself, half the mean of the others. Why it exists: the
+      dense form costs several cross layers per block on the CPU (BENCHMARKS.md, "RoBlock") and grows as (M F)^2,
+      so width-scaling runs (M = 10: 1.25 G gates per block at batch 2048) would not fit; R4 names "dynamic routing"
+      among RoBlock's costly operations. What it gives up: an output field cannot choose its source fields per
+      sample (only which components each source field emits).
     * ``within_field``: beta alone (Omega = I: candidates of field f only); ``static``: input-independent logits
       ``c_f`` over all candidates (violates "dynamic"; an ablation).
     * ``attention`` (alternative (c)): per head, AutoInt-like scaled dot-product attention of the output field's query
