@@ -84,6 +84,7 @@ grid-data-fraction: $(NEED_INSTALL)
 #   [WIDTHS=1,4] (embedding sets) [BETAS=0,0.1,0.5,1] [SEEDS=0,1,2] [GPUS=...] [DRY_RUN=1]; plain + one RoBlock cell per beta
 #   [ROUTER=factorized] (the RoBlock cells' router; default: the configs' dense `dynamic` one)
 # E4 ablations at one operating point: make grid-roblock-ablation [AT=dcnv2,4,4,0.1] [KS=1,2,4,8]
+#   (on/off cells, K, and router / rebalancing / HSIC-kernel swaps; EXTRA=--no-variants leaves the swaps out)
 BACKBONES ?= dcnv2,xdeepfm,dhen
 DEPTHS ?= 1,2,4,8
 WIDTHS ?= 1,4

@@ -185,11 +185,14 @@ def roblock_cells(dataset, backbones, depths, widths, betas, seeds, configs: Pat
 
 def roblock_ablation_cells(dataset, seeds, backbone: str = "dcnv2", depth: int = 4, width: int = 4,
                            beta: float = 0.1, ks=tuple(ROBLOCK_KS), configs: Path | None = None,
-                           router: str | None = None) -> list[Cell]:
+                           router: str | None = None, variants: bool = True) -> list[Cell]:
     """RoBlock E4 ablations at one operating point (default Criteo, DCNv2, L = 4, M = 4, beta = 0.1): the 2^3 grid of
     rebalancing / decoupler / router on-off (the learnable residual stays; "all off" is the stack with residual),
     then K in ``ks`` with every component on (K = 4, the default, is the all-on cell and is not repeated). "Router on"
-    is the config's router variant, or ``router`` (then part of the cell names and tags)."""
+    is the config's router variant, or ``router`` (then part of the cell names and tags). With ``variants``, the
+    variant comparisons ROBLOCK.md Sec. 2.7 asks for, one component swapped at a time from the all-on cell: every
+    other router, the other rebalancings (centred rank-1, IterNorm, ContraNorm) and HSIC kernels (Gaussian, random
+    Fourier features, decorrelation); tag ``ablation`` = ``router-<v>``, ``rebalance-<v>``, ``kernel-<v>``."""
     root = configs or CONFIGS
     base = [str(root / "model" / f"roblock_{backbone}.yaml"), _width_config(width, root),
             str(root / "data" / f"{dataset}.yaml")]
@@ -219,6 +222,18 @@ def roblock_ablation_cells(dataset, seeds, backbone: str = "dcnv2", depth: int =
                 **extra_tags}
         cells += [Cell(f"{point}-K{k}-seed{s}", base,
                        common + [f"--model.backbone.init_args.components={k}", f"--seed_everything={s}"], tags)
+                  for s in seeds]
+    if not variants:
+        return cells
+    at_router = router or "dynamic"  # the RoBlock configs' router
+    swaps = ([("router", v) for v in ROBLOCK_ROUTERS if v != at_router]
+             + [("rebalance", v) for v in ("center", "iternorm", "contranorm")]
+             + [("hsic_kernel", v) for v in ("gaussian", "rff", "decorrelation")])
+    for key, v in swaps:
+        name = f"{'kernel' if key == 'hsic_kernel' else key}-{v}"
+        tags = {"grid": "roblock-ablation", "backbone": backbone, "ablation": name, "components": "4", **extra_tags}
+        cells += [Cell(f"{point}-{name}-seed{s}", base,
+                       common + [f"--model.backbone.init_args.{key}={v}", f"--seed_everything={s}"], tags)
                   for s in seeds]
     return cells
 
@@ -342,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="roblock-ablation operating point: backbone,depth,width,beta")
     ap.add_argument("--router", default=None, choices=ROBLOCK_ROUTERS,
                     help="roblock grids: the RoBlock cells' router variant (default: the configs' own)")
+    ap.add_argument("--no-variants", action="store_true",
+                    help="roblock-ablation: only the on/off and K cells, not the router/rebalancing/kernel swaps")
     ap.add_argument("-j", "--jobs", type=int, default=1, help="cells at once")
     ap.add_argument("--gpus", default=None, help="GPU ids per slot: '0,1,2,3' (one per cell) or '0,1;2,3' groups")
     ap.add_argument("--dry-run", action="store_true")
@@ -380,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         cells = roblock_ablation_cells(a.dataset, seeds, ks=[int(k) for k in a.ks.split(",") if k],
-                                       configs=configs, router=a.router, **at)
+                                       configs=configs, router=a.router, variants=not a.no_variants, **at)
     else:
         cells = data_fraction_cells(a.dataset, [float(f) for f in a.fractions.split(",")],
                                     [int(d) for d in a.dims.split(",")], seeds, configs)

@@ -440,7 +440,13 @@ def test_roblock_grid_cells_and_dry_run(tmp_path):
     assert len({c.name for c in cells}) == len(cells)
     assert all(Path(f).exists() for c in cells for f in c.configs)
     abl = roblock_ablation_cells("criteo", [0])
-    assert len(abl) == 8 + 3  # 2^3 component cells + K in {1, 2, 8} (K = 4 is the all-on cell)
+    # 2^3 component cells + K in {1, 2, 8} (K = 4 is the all-on cell) + 5 other routers, 3 rebalancings, 3 kernels
+    assert len(abl) == 8 + 3 + 5 + 3 + 3 and len({c.name for c in abl}) == len(abl)
+    assert len(roblock_ablation_cells("criteo", [0], variants=False)) == 8 + 3
+    swaps = {c.tags["ablation"]: c.argv([]) for c in abl}
+    assert "--model.backbone.init_args.router=factorized" in swaps["router-factorized"]
+    assert "router-dynamic" not in swaps and "--model.backbone.init_args.rebalance=iternorm" in swaps["rebalance-iternorm"]
+    assert "--model.backbone.init_args.hsic_kernel=rff" in swaps["kernel-rff"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'dry.db'}"}
     # -o install: the dry run must not (re)install the package into the venv
     p = subprocess.run(["make", "-s", "-o", "install", "-j", "2", "grid-roblock", "DRY_RUN=1", "BACKBONES=dcnv2",
@@ -467,7 +473,7 @@ def test_roblock_grid_cells_and_dry_run(tmp_path):
                        env=env)
     assert p.returncode == 0, p.stderr
     assert 'roblock-ablation --at "dhen,2,1,0.5" --ks "1,2"' in p.stdout
-    abl = roblock_ablation_cells("criteo", [0], "dhen", 2, 1, 0.5, [1, 2])
+    abl = roblock_ablation_cells("criteo", [0], "dhen", 2, 1, 0.5, [1, 2], variants=False)
     assert len(abl) == 10 and "--model.backbone.init_args.rebalance=none" in abl[-3].argv([])
     assert any("se1x.yaml" in c for c in abl[0].configs) and "--model.backbone.init_args.beta=0.5" in abl[0].argv([])
     abl = roblock_ablation_cells("criteo", [0], router="factorized")
@@ -475,6 +481,7 @@ def test_roblock_grid_cells_and_dry_run(tmp_path):
     assert "--model.backbone.init_args.router=factorized" in on and "--model.backbone.init_args.router=none" not in on
     assert off.index("--model.backbone.init_args.router=none") > off.index("--model.backbone.init_args.router=factorized")
     assert all(c.tags["router"] == "factorized" and "-factorized-" in c.name for c in abl)
+    assert "router-dynamic" in {c.tags["ablation"] for c in abl}  # the swap cells compare against the point's router
 
 
 def test_rank1_elementwise_path_equals_the_gram_path():
