@@ -724,8 +724,9 @@ class RoBlock(nn.Module):
         * one centred Gram ``G_c = X_c^T X_c`` (D x D) gives the rebalancing statistics (power iteration on
           ``G = G_c + B xbar xbar^T``, or on ``G_c`` with ``center``), so rebalancing is the affine map
           ``Y = X T + t0`` and is never applied on its own;
-        * the decoupler is affine too, ``C = Y A_dec + a_dec = X (T A_dec) + (t0 A_dec + a_dec)``, so Y and C come
-          out of one batched matmul of X with ``[T | T A_dec]``;
+        * the decoupler is affine too, ``C = Y A_dec + a_dec = X (T A_dec) + (t0 A_dec + a_dec)``, so C is one
+          batched matmul of X (and the router's query Y another, D columns wide); with ``router: none`` only the
+          mean over components is needed, ``X mean_k(A_k) + mean_k(a_k)``;
         * linear HSIC needs only the centred Gram of C, ``C_c^T C_c = A^T G_c A`` with ``A = T A_dec``: a
           (KD x KD) product per field instead of a pass over the (B, K D) components.
 
@@ -764,9 +765,10 @@ class RoBlock(nn.Module):
                 S = A32.transpose(-1, -2) @ (G32 @ A32)  # (M, F, KD, KD)
                 h = linear_hsic_from_gram(S, K, B, self.hsic_normalized).mean()
         x2 = xt.view(M * F, D, B)
-        if self.router is None:
-            ct = torch.baddbmm(a.reshape(M * F, K * D, 1), A.reshape(M * F, D, K * D).transpose(1, 2), x2)
-            return ct.view(M, F, K, D, B).mean(2).permute(0, 3, 1, 2), h
+        if self.router is None:  # E' = mean_k C_k = X mean_k(A_k) + mean_k(a_k)
+            Am = A.reshape(M * F, D, K, D).mean(2).transpose(1, 2)
+            et = torch.baddbmm(a.reshape(M * F, K, D).mean(1).unsqueeze(-1), Am, x2)
+            return et.view(M, F, D, B).permute(0, 3, 1, 2), h
         ct = torch.baddbmm(a.reshape(M * F, K * D, 1), A.reshape(M * F, D, K * D).transpose(1, 2), x2)
         yt = torch.baddbmm(t0.reshape(M * F, D, 1), T.reshape(M * F, D, D).transpose(1, 2), x2)
         ybar = yt.view(M, F, D, B).mean(0) if M > 1 else yt.view(F, D, B)
