@@ -25,6 +25,7 @@ from recscale.models.hsic import (
     kernel_hsic_pairs,
     linear_hsic_pairs,
 )
+from recscale.models.layers import flatten
 from recscale.models.roblock import (
     ContraNormRebalance,
     Decoupler,
@@ -768,3 +769,35 @@ def test_rff_hsic_is_the_biased_hsic_of_the_feature_grams_and_approximates_the_g
     xc = c.reshape(3, 20, 30) - c.reshape(3, 20, 30).mean(1, keepdim=True)
     S = (xc.transpose(1, 2) @ xc).view(3, 2, 15, 2, 15).pow(2).sum((-1, -3))
     torch.testing.assert_close(linear_hsic_pairs(c)[:, 0], S[:, 0, 1] / (S[:, 0, 0] * S[:, 1, 1]).sqrt())
+
+
+@pytest.mark.parametrize("kw", [dict(router="factorized"), dict(router="within_field", x0_source="regenerated",
+                                                                  heads=3, residual="fixed"),
+                                dict(router="none", interaction="none")])
+def test_batch_last_stack_equals_the_batch_first_one(kw):
+    """RoBlockNet keeps a stack of fusable cross (or interaction-free) blocks batch-last from the first block to the
+    last; the per-block batch-first path is the same map: outputs, per-layer outputs, HSIC and gradients (float64)."""
+    torch.manual_seed(12)
+    a = RoBlockNet(5, 4, 1 if kw.get("heads") else 2, blocks=3, components=3, hidden=[8, 8], dropout=0.0,
+                   **kw).double()
+    b = copy.deepcopy(a)
+    b.batch_last = False
+    calls = []
+    inner = a._layer_outputs_t
+    a._layer_outputs_t = lambda *args: calls.append(1) or inner(*args)  # the batch-last path must be the one taken
+    e = torch.randn(a.stack[0].sets, 32, 5, 4, dtype=torch.float64)
+    for train in (True, False):
+        a.train(train), b.train(train)
+        ea, eb = e.clone().requires_grad_(), e.clone().requires_grad_()
+        la, lb = a.layer_outputs(ea), b.layer_outputs(eb)
+        for x, y in zip(la, lb):
+            torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+        if train:
+            assert len(a._hsic) == len(b._hsic) == 3  # every block has a decoupler (K = 3)
+            loss_a, loss_b = a.tower(flatten(la[-1])).sum(), b.tower(flatten(lb[-1])).sum()
+            (loss_a + a.regularization()).backward(), (loss_b + b.regularization()).backward()
+            torch.testing.assert_close(ea.grad, eb.grad, rtol=1e-9, atol=1e-10)
+            for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+                if pa.grad is not None or pb.grad is not None:
+                    torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-8, atol=1e-10, msg=n)
+    assert len(calls) == 2

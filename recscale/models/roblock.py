@@ -521,7 +521,7 @@ class FieldRouter(nn.Module):
 
     def mix_batchlast(self, yt: Tensor, ct: Tensor) -> Tensor:
         """The router on batch-last inputs (RoBlock's fused path): ybar (F, D, B), c (M, F, K, D, B) (views) ->
-        (M', B, F, D) (a view). Same map as ``forward``, for the field-local variants."""
+        (M', F, D, B). Same map as ``forward``, for the field-local variants."""
         M, F, K, D, B = ct.shape
         H, n = self.heads, self.n
         if self.local:  # the dense ones go through ``forward`` (batch-first); see RoBlock.fusable
@@ -530,9 +530,9 @@ class FieldRouter(nn.Module):
             g = torch.softmax(logits.view(F, H, n, B), 2)
             R = _LocalMix.apply(g, ct)  # (F, H, D, B), candidates n = m K + k
             if self.variant == "within_field":
-                return R.permute(1, 3, 0, 2)
+                return R.transpose(0, 1)
             out = torch.matmul(self.field_mix(), R.transpose(0, 1).reshape(H, F, D * B))  # (H, F, D B)
-            return out.view(H, F, D, B).permute(0, 3, 1, 2)
+            return out.view(H, F, D, B)
         raise ValueError("mix_batchlast serves the field-local routers (within_field, factorized) only")
 
 
@@ -716,7 +716,13 @@ class RoBlock(nn.Module):
                 and not (want_hsic and (self.hsic_kernel != "linear" or self.hsic_across_sets)))
 
     def fused_tail(self, z: Tensor, want_hsic: bool, hsic_grad: bool) -> tuple[Tensor, Tensor | None]:
-        """Rebalancing, decoupler, HSIC and router from one pass over z (M, B, F, D) -> (E' (M', B, F, D), HSIC).
+        """Rebalancing, decoupler, HSIC and router from one pass over z (M, B, F, D) -> (E' (M', B, F, D), HSIC):
+        ``fused_tail_t`` on the batch-last copy of z."""
+        e, h = self.fused_tail_t(z.permute(0, 2, 3, 1).contiguous(), want_hsic, hsic_grad)
+        return e.permute(0, 3, 1, 2), h
+
+    def fused_tail_t(self, xt: Tensor, want_hsic: bool, hsic_grad: bool) -> tuple[Tensor, Tensor | None]:
+        """The fused tail on batch-last activations: z (M, F, D, B) -> (E' (M', F, D, B), HSIC).
 
         The same map as the component modules, rearranged (our implementation; the tests compare both paths):
         with ``X = z_{m,f}`` (B x D) per set and field,
@@ -733,8 +739,8 @@ class RoBlock(nn.Module):
         Activations are kept batch-last, (M, F, D, B), so that the per-sample gates and mixing of the field-local
         routers are element-wise ops along contiguous rows of B.
         """
-        M, B, F, D = z.shape
-        xt = z.permute(0, 2, 3, 1).contiguous()  # batch-last (M, F, D, B)
+        M, F, D, B = xt.shape
+        z = xt
         dec = (self.decoupler.affine(M, F) if self.decoupler is not None
                else (torch.eye(D, dtype=z.dtype, device=z.device).expand(M, F, D, D), z.new_zeros(()).expand(M, F, D)))
         K = self.decoupler.K if self.decoupler is not None else 1
@@ -768,11 +774,28 @@ class RoBlock(nn.Module):
         if self.router is None:  # E' = mean_k C_k = X mean_k(A_k) + mean_k(a_k)
             Am = A.reshape(M * F, D, K, D).mean(2).transpose(1, 2)
             et = torch.baddbmm(a.reshape(M * F, K, D).mean(1).unsqueeze(-1), Am, x2)
-            return et.view(M, F, D, B).permute(0, 3, 1, 2), h
+            return et.view(M, F, D, B), h
         ct = torch.baddbmm(a.reshape(M * F, K * D, 1), A.reshape(M * F, D, K * D).transpose(1, 2), x2)
         yt = torch.baddbmm(t0.reshape(M * F, D, 1), T.reshape(M * F, D, D).transpose(1, 2), x2)
         ybar = yt.view(M, F, D, B).mean(0) if M > 1 else yt.view(F, D, B)
         return self.router.mix_batchlast(ybar, ct.view(M, F, K, D, B)), h
+
+    def forward_t(self, xt: Tensor, x0t: Tensor, want_hsic: bool = False,
+                  hsic_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+        """``forward`` on batch-last activations (M, F, D, B), for a fusable block with the cross interaction (or
+        none): ``vec(z) = vec(x0) * (W^T vec(x) + b)`` is one GEMM per set in this layout too, so a stack of such
+        blocks never transposes its activations (RoBlockNet's batch-last path)."""
+        M, F, D, B = xt.shape
+        if self.interaction.kind == "cross":
+            lin = self.interaction.layer
+            zt = torch.baddbmm(lin.bias.transpose(1, 2), lin.weight.transpose(1, 2), xt.reshape(M, F * D, B))
+            zt = (zt * x0t.reshape(M, F * D, B)).view(M, F, D, B)
+        else:
+            zt = xt
+        e_new, h = self.fused_tail_t(zt, want_hsic, hsic_grad)
+        if self.residual == "none":
+            return e_new, h
+        return (xt + e_new if self.alpha is None else torch.add(xt, e_new * self.alpha)), h
 
     def forward(self, x: Tensor, x0: Tensor, want_hsic: bool = False,
                 hsic_grad: bool = True) -> tuple[Tensor, Tensor | None]:
@@ -877,6 +900,7 @@ class RoBlockNet(nn.Module):
                 layers.append(RoBlock(sets, sets, num_fields, dim, **plain))
         self.stack = nn.ModuleList(layers)
         self.out_sets = H
+        self.batch_last = True  # ``_layer_outputs_t`` where every block allows it; tests switch it off to compare
         if interaction == "cin":
             self.cin_out = nn.Linear(blocks * num_fields, 1)
             self.tower = Tower(num_sets, num_fields * dim, hidden, dropout)
@@ -887,6 +911,8 @@ class RoBlockNet(nn.Module):
     def layer_outputs(self, e: Tensor) -> list[Tensor]:  # L x (M', B, F, D): each block's output E^{(l)}
         want = self.training and torch.is_grad_enabled() and (self.beta > 0 or self.log_hsic)
         self._hsic = []
+        if self.batch_last and all(b.fusable(want) and b.interaction.kind in ("cross", "none") for b in self.stack):
+            return self._layer_outputs_t(e, want)
         x, x0, outs = e, e, []
         for block in self.stack:
             x, h = block(x, x0, want, hsic_grad=self.beta > 0)  # beta = 0: logged only, no graph kept
@@ -895,6 +921,20 @@ class RoBlockNet(nn.Module):
             if self.x0_source == "regenerated":
                 x0 = x
             outs.append(x)
+        return outs
+
+    def _layer_outputs_t(self, e: Tensor, want: bool) -> list[Tensor]:
+        """``layer_outputs`` with the activations batch-last from the first block to the last (one transpose in, and
+        the outputs handed back as (M', B, F, D) views): the same map, fewer passes over the activations."""
+        xt = e.permute(0, 2, 3, 1).contiguous()
+        x0t, outs = xt, []
+        for block in self.stack:
+            xt, h = block.forward_t(xt, x0t, want, hsic_grad=self.beta > 0)
+            if h is not None:
+                self._hsic.append(h)
+            if self.x0_source == "regenerated":
+                x0t = xt
+            outs.append(xt.permute(0, 3, 1, 2))
         return outs
 
     def hsic_total(self) -> Tensor | None:
