@@ -102,17 +102,26 @@ def decorrelation_penalty(c: Tensor, eps: float = 1e-8) -> Tensor:
     return off / max(K * D * (K * D - 1), 1)
 
 
+def _sq_dists(x: Tensor) -> Tensor:
+    """Squared pairwise distances of the rows: (..., n, d) -> (..., n, n)."""
+    sq = x.pow(2).sum(-1)
+    return (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2 * torch.matmul(x, x.transpose(-1, -2))).clamp_min(0)
+
+
+@torch.no_grad()
+def _median_sq_dist(d2: Tensor) -> Tensor:
+    """The median off-diagonal entry of squared distances (..., n, n) -> (...), detached (the median heuristic)."""
+    n = d2.shape[-1]
+    iu = torch.triu_indices(n, n, offset=1, device=d2.device)
+    return d2[..., iu[0], iu[1]].median(-1).values.clamp_min(1e-12)
+
+
 def gaussian_gram(x: Tensor, sigma: float | None = None) -> Tensor:
     """``K_ij = exp(-||x_i - x_j||^2 / (2 s^2))``; ``s`` = median off-diagonal pairwise distance (detached) if None.
     (..., n, d) -> (..., n, n)."""
-    sq = x.pow(2).sum(-1)
-    d2 = (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2 * torch.matmul(x, x.transpose(-1, -2))).clamp_min(0)
+    d2 = _sq_dists(x)
     if sigma is None:
-        n = x.shape[-2]
-        with torch.no_grad():
-            iu = torch.triu_indices(n, n, offset=1, device=x.device)
-            med = d2[..., iu[0], iu[1]].median(-1).values.clamp_min(1e-12)  # squared median distance
-        s2 = med[..., None, None]
+        s2 = _median_sq_dist(d2)[..., None, None]
     else:
         s2 = torch.as_tensor(sigma**2, dtype=x.dtype, device=x.device)
     return torch.exp(-d2 / (2 * s2))
@@ -121,12 +130,7 @@ def gaussian_gram(x: Tensor, sigma: float | None = None) -> Tensor:
 def median_bandwidth(x: Tensor, rows: int = 512) -> Tensor:
     """The median heuristic's s (detached) from the first ``rows`` rows: (..., n, d) -> (...)."""
     with torch.no_grad():
-        x = x[..., :rows, :]
-        sq = x.pow(2).sum(-1)
-        d2 = (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2 * torch.matmul(x, x.transpose(-1, -2))).clamp_min(0)
-        n = x.shape[-2]
-        iu = torch.triu_indices(n, n, offset=1, device=x.device)
-        return d2[..., iu[0], iu[1]].median(-1).values.clamp_min(1e-12).sqrt()
+        return _median_sq_dist(_sq_dists(x[..., :rows, :])).sqrt()
 
 
 def rff_features(x: Tensor, W: Tensor, u: Tensor, sigma: Tensor | float) -> Tensor:

@@ -522,18 +522,17 @@ class FieldRouter(nn.Module):
     def mix_batchlast(self, yt: Tensor, ct: Tensor) -> Tensor:
         """The router on batch-last inputs (RoBlock's fused path): ybar (F, D, B), c (M, F, K, D, B) (views) ->
         (M', F, D, B). Same map as ``forward``, for the field-local variants."""
+        if not self.local:  # the dense ones go through ``forward`` (batch-first); see RoBlock.fusable
+            raise ValueError("mix_batchlast serves the field-local routers (within_field, factorized) only")
         M, F, K, D, B = ct.shape
         H, n = self.heads, self.n
-        if self.local:  # the dense ones go through ``forward`` (batch-first); see RoBlock.fusable
-            cpar, U = self._params()
-            logits = torch.baddbmm(cpar.unsqueeze(-1), U.transpose(1, 2), yt)  # (F, H n, B)
-            g = torch.softmax(logits.view(F, H, n, B), 2)
-            R = _LocalMix.apply(g, ct)  # (F, H, D, B), candidates n = m K + k
-            if self.variant == "within_field":
-                return R.transpose(0, 1)
-            out = torch.matmul(self.field_mix(), R.transpose(0, 1).reshape(H, F, D * B))  # (H, F, D B)
-            return out.view(H, F, D, B)
-        raise ValueError("mix_batchlast serves the field-local routers (within_field, factorized) only")
+        cpar, U = self._params()
+        logits = torch.baddbmm(cpar.unsqueeze(-1), U.transpose(1, 2), yt)  # (F, H n, B)
+        R = _LocalMix.apply(torch.softmax(logits.view(F, H, n, B), 2), ct)  # (F, H, D, B), candidates n = m K + k
+        if self.variant == "within_field":
+            return R.transpose(0, 1)
+        out = torch.matmul(self.field_mix(), R.transpose(0, 1).reshape(H, F, D * B))  # (H, F, D B)
+        return out.view(H, F, D, B)
 
 
 class _LocalMix(torch.autograd.Function):
@@ -619,6 +618,16 @@ class Interaction(nn.Module):
         if self.kind in ("cin", "dhen"):
             return self.layer(x, x0)
         return x
+
+    def forward_t(self, xt: Tensor, x0t: Tensor) -> Tensor:
+        """``forward`` on batch-last activations (M, F, D, B), for ``cross`` and ``none``: the cross term is one GEMM
+        per set in this layout too, ``vec(z) = vec(x0) * (W^T vec(x) + b)``."""
+        if self.kind == "none":
+            return xt
+        M, F, D, B = xt.shape
+        lin = self.layer
+        zt = torch.baddbmm(lin.bias.transpose(1, 2), lin.weight.transpose(1, 2), xt.reshape(M, F * D, B))
+        return (zt * x0t.reshape(M, F * D, B)).view(M, F, D, B)
 
 
 # ------------------------------------------------------------------------------------- the block
@@ -740,9 +749,8 @@ class RoBlock(nn.Module):
         routers are element-wise ops along contiguous rows of B.
         """
         M, F, D, B = xt.shape
-        z = xt
-        dec = (self.decoupler.affine(M, F) if self.decoupler is not None
-               else (torch.eye(D, dtype=z.dtype, device=z.device).expand(M, F, D, D), z.new_zeros(()).expand(M, F, D)))
+        identity = (torch.eye(D, dtype=xt.dtype, device=xt.device).expand(M, F, D, D), xt.new_zeros(()).expand(M, F, D))
+        dec = self.decoupler.affine(M, F) if self.decoupler is not None else identity
         K = self.decoupler.K if self.decoupler is not None else 1
         want = want_hsic and K > 1
         Gc = mean = None
@@ -760,7 +768,7 @@ class RoBlock(nn.Module):
                 stats = r.statistics(None, None)
             T, t0 = r.affine(*stats)
         else:
-            T, t0 = torch.eye(D, dtype=z.dtype, device=z.device).expand(M, F, D, D), z.new_zeros(()).expand(M, F, D)
+            T, t0 = identity
         A = torch.matmul(T, dec[0])  # (M, F, D, K D)
         a = torch.matmul(t0.unsqueeze(-2), dec[0]).squeeze(-2) + dec[1]  # (M, F, K D)
         h = None
@@ -783,27 +791,20 @@ class RoBlock(nn.Module):
     def forward_t(self, xt: Tensor, x0t: Tensor, want_hsic: bool = False,
                   hsic_grad: bool = True) -> tuple[Tensor, Tensor | None]:
         """``forward`` on batch-last activations (M, F, D, B), for a fusable block with the cross interaction (or
-        none): ``vec(z) = vec(x0) * (W^T vec(x) + b)`` is one GEMM per set in this layout too, so a stack of such
-        blocks never transposes its activations (RoBlockNet's batch-last path)."""
-        M, F, D, B = xt.shape
-        if self.interaction.kind == "cross":
-            lin = self.interaction.layer
-            zt = torch.baddbmm(lin.bias.transpose(1, 2), lin.weight.transpose(1, 2), xt.reshape(M, F * D, B))
-            zt = (zt * x0t.reshape(M, F * D, B)).view(M, F, D, B)
-        else:
-            zt = xt
-        e_new, h = self.fused_tail_t(zt, want_hsic, hsic_grad)
+        none), so that a stack of such blocks never transposes its activations (RoBlockNet's batch-last path)."""
+        e_new, h = self.fused_tail_t(self.interaction.forward_t(xt, x0t), want_hsic, hsic_grad)
+        return self._residual(xt, e_new), h
+
+    def _residual(self, x: Tensor, e_new: Tensor) -> Tensor:  # E_out = E + alpha E' (E broadcast over M')
         if self.residual == "none":
-            return e_new, h
-        return (xt + e_new if self.alpha is None else torch.add(xt, e_new * self.alpha)), h
+            return e_new
+        return x + e_new if self.alpha is None else x + self.alpha * e_new
 
     def forward(self, x: Tensor, x0: Tensor, want_hsic: bool = False,
                 hsic_grad: bool = True) -> tuple[Tensor, Tensor | None]:
         if self.fusable(want_hsic):
             e_new, h = self.fused_tail(self.interaction(x, x0), want_hsic, hsic_grad)
-            if self.residual == "none":
-                return e_new, h
-            return (x + e_new if self.alpha is None else x + self.alpha * e_new), h
+            return self._residual(x, e_new), h
         if self.prenorm and self.rebalance is not None:
             y = self.interaction(self.rebalance(x), x0)
         else:
@@ -815,9 +816,7 @@ class RoBlock(nn.Module):
             with torch.set_grad_enabled(hsic_grad and torch.is_grad_enabled()):
                 h = self.hsic(c)
         e_new = self.router(y, c) if self.router is not None else c.mean(-2)  # (M', B, F, D)
-        if self.residual == "none":
-            return e_new, h
-        return (x + e_new if self.alpha is None else x + self.alpha * e_new), h
+        return self._residual(x, e_new), h
 
 
 # ------------------------------------------------------------------------------------- the backbone
@@ -900,7 +899,7 @@ class RoBlockNet(nn.Module):
                 layers.append(RoBlock(sets, sets, num_fields, dim, **plain))
         self.stack = nn.ModuleList(layers)
         self.out_sets = H
-        self.batch_last = True  # ``_layer_outputs_t`` where every block allows it; tests switch it off to compare
+        self.batch_last = True  # see ``layer_outputs``; tests switch it off to compare
         if interaction == "cin":
             self.cin_out = nn.Linear(blocks * num_fields, 1)
             self.tower = Tower(num_sets, num_fields * dim, hidden, dropout)
@@ -909,32 +908,23 @@ class RoBlockNet(nn.Module):
         self._hsic: list[Tensor] = []
 
     def layer_outputs(self, e: Tensor) -> list[Tensor]:  # L x (M', B, F, D): each block's output E^{(l)}
+        """Each block's output. When every block is fusable with the cross interaction (or none), the activations
+        are transposed once and stay batch-last through the stack (``RoBlock.forward_t``), and the outputs come back
+        as (M', B, F, D) views: the same map, fewer passes over the activations."""
         want = self.training and torch.is_grad_enabled() and (self.beta > 0 or self.log_hsic)
         self._hsic = []
-        if self.batch_last and all(b.fusable(want) and b.interaction.kind in ("cross", "none") for b in self.stack):
-            return self._layer_outputs_t(e, want)
-        x, x0, outs = e, e, []
+        batch_last = self.batch_last and all(b.fusable(want) and b.interaction.kind in ("cross", "none")
+                                             for b in self.stack)
+        x = e.permute(0, 2, 3, 1).contiguous() if batch_last else e
+        x0, outs = x, []
         for block in self.stack:
-            x, h = block(x, x0, want, hsic_grad=self.beta > 0)  # beta = 0: logged only, no graph kept
+            step = block.forward_t if batch_last else block
+            x, h = step(x, x0, want, hsic_grad=self.beta > 0)  # beta = 0: logged only, no graph kept
             if h is not None:
                 self._hsic.append(h)
             if self.x0_source == "regenerated":
                 x0 = x
-            outs.append(x)
-        return outs
-
-    def _layer_outputs_t(self, e: Tensor, want: bool) -> list[Tensor]:
-        """``layer_outputs`` with the activations batch-last from the first block to the last (one transpose in, and
-        the outputs handed back as (M', B, F, D) views): the same map, fewer passes over the activations."""
-        xt = e.permute(0, 2, 3, 1).contiguous()
-        x0t, outs = xt, []
-        for block in self.stack:
-            xt, h = block.forward_t(xt, x0t, want, hsic_grad=self.beta > 0)
-            if h is not None:
-                self._hsic.append(h)
-            if self.x0_source == "regenerated":
-                x0t = xt
-            outs.append(xt.permute(0, 3, 1, 2))
+            outs.append(x.permute(0, 3, 1, 2) if batch_last else x)
         return outs
 
     def hsic_total(self) -> Tensor | None:
