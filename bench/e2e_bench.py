@@ -100,7 +100,8 @@ def run_epoch(data_dir: Path, cfg: dict, device: str, mode: str, scale: int, num
                     got["steady_batches"] = batch_idx - self.warm
 
         def on_train_epoch_end(self, trainer, pl_module):  # the whole epoch, as SamplesPerSecond logs it
-            got["epoch_samples_per_s"] = rate.n / max(time.perf_counter() - rate.t0, 1e-9)
+            rate._pause()  # its clock stops here too (no validation runs: limit_val_batches=0)
+            got["epoch_samples_per_s"] = rate.n / max(rate.seconds, 1e-9)
             got["rows"] = rate.n
             got.setdefault("samples_per_s", got["epoch_samples_per_s"])
 
@@ -136,6 +137,8 @@ def cmd_epoch(a) -> list[dict]:
         print(f"{r['name']:<28} {r['samples_per_s']:>12,.0f} samples/s steady, {r['epoch_samples_per_s']:>12,.0f} "
               f"over the epoch ({r['steps']} steps, fit {r['fit_wall_s']:.1f} s)", flush=True)
         out.append(r)
+        if a.json:  # after every configuration: a run cut short by a timeout keeps what it measured
+            Path(a.json).write_text(json.dumps(out, indent=1))
     return out
 
 
@@ -162,8 +165,11 @@ def cmd_diag(a) -> list[dict]:
     print(f"diagnostics pass, DCNv2 ME {a.scale}x, {sum(dims):,} table rows, RankMe {a.sample_rows:,} x {width:,} float64, "
           f"on {a.device}: {times[1]:.3f} s (first call {times[0]:.3f} s); rankme/embeddings "
           f"{rep.metrics['rankme/embeddings']:.1f}", flush=True)
+    parts = {k.split("/", 1)[1]: v for k, v in rep.metrics.items() if k.startswith("seconds/")}
+    print("  by part (second call, host clock around each part): "
+          + ", ".join(f"{k} {v:.3f} s" for k, v in parts.items()), flush=True)
     return [{"device": a.device, "scale": a.scale, "sample_rows": a.sample_rows, "width": width, "table_rows": sum(dims),
-             "seconds": times[1], "first_call_seconds": times[0]}]
+             "seconds": times[1], "first_call_seconds": times[0], "parts_seconds": parts}]
 
 
 def main():

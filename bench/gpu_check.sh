@@ -3,14 +3,16 @@
 #
 #     bash bench/gpu_check.sh                 # on the GPU machine, from anywhere inside the repository
 #     GPU_CHECK_SMOKE=1 bash bench/gpu_check.sh   # dry run on the CPU with tiny sizes (checks the script end to end)
+#     GPU_CHECK_STEPS=tests,epoch bash bench/gpu_check.sh   # rerun some steps; the others keep their JSON
 #
-# Steps (each bounded by `timeout`; a failed or timed-out step is recorded and the script goes on):
+# Steps (each bounded by `timeout`, 150 + 120 + 60 + 200 s in all, so that one 10-minute device call holds the script;
+# a failed or timed-out step is recorded, keeps the rows it measured, and the script goes on):
 #   1. environment: a Python that imports torch + recscale's dependencies (see below), versions and device printed
 #   2. `pytest -m gpu` (tests/test_gpu.py: bf16/fp16 fits, device cache, the OOM message, diagnostics CUDA == CPU)
 #   3. bench/train_bench.py --device cuda: the six Table-1 models at SE 1x and ME 10x, set-batched vs per-set loop
-#   4. bench/e2e_bench.py epoch: one epoch of a 5M-row synthetic Criteo (synth + prepare outside the timing): streaming
-#      fp32, streaming bf16, device cache bf16 (+ compile), at batch 2048 and larger batches (the best one is stated)
-#   5. bench/e2e_bench.py diag: the full diagnostics pass at DCNv2 ME 10x (50,000 x 3,900 RankMe, float64)
+#   4. bench/e2e_bench.py diag: the full diagnostics pass at DCNv2 ME 10x (50,000 x 3,900 RankMe, float64)
+#   5. bench/e2e_bench.py epoch: one epoch of a 5M-row synthetic Criteo (synth + prepare outside the timing): device
+#      cache bf16 (+ compile), streaming fp32 and bf16, at batch 2048 and larger batches (the best one is stated)
 #   6. bench/gpu_report.py: one JSON ($OUT/gpu_check.json) and a Markdown section for BENCHMARKS.md ($OUT/gpu_check.md),
 #      with the issue's targets beside the measured values
 #
@@ -28,10 +30,24 @@ ROOT=$PWD
 SMOKE=${GPU_CHECK_SMOKE:-0}
 OUT=${GPU_CHECK_OUT:-$ROOT/bench/out/gpu_check}
 mkdir -p "$OUT"
-rm -f "$OUT"/{env,pytest,train,e2e,diag}.json
+# GPU_CHECK_STEPS picks steps for a rerun (e.g. tests,epoch); a step left out keeps its JSON from the previous run
+STEPS=,${GPU_CHECK_STEPS:-tests,train,diag,epoch},
+step() { [[ $STEPS == *,$1,* ]]; }
+rm -f "$OUT"/env.json
+for s in tests:pytest train:train diag:diag epoch:e2e; do step "${s%%:*}" && rm -f "$OUT/${s#*:}.json"; done
 T0=$(date +%s)
 log() { echo "[gpu_check +$(( $(date +%s) - T0 ))s] $*"; }
 DEPS='import torch, lightning, torchmetrics, mlflow, polars, pyarrow, jsonargparse, matplotlib, pytest, hypothesis'
+# The lent machines cannot fetch packages and lack mlflow, polars, jsonargparse and submitit: bench/gpu_site.sh packs
+# those (Python 3.12 wheels, unpacked, xz) into .whl/gpusite.tar.xz here, the run carries it, and it goes on PYTHONPATH.
+SITE_TAR=${GPU_CHECK_SITE_TAR:-$ROOT/.whl/gpusite.tar.xz}
+if [ -f "$SITE_TAR" ]; then
+    SITE=${TMPDIR:-/tmp}/recscale-gpusite
+    if [ ! -f "$SITE/.complete" ]; then rm -rf "$SITE" && mkdir -p "$SITE" && python3 -c \
+        'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$SITE_TAR" "$SITE" && touch "$SITE/.complete" || { log "could not unpack $SITE_TAR"; exit 1; }; fi
+    export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+    log "packages from $SITE_TAR on PYTHONPATH"
+fi
 
 # ---------------------------------------------------------------- 1. environment
 PY=""
@@ -74,8 +90,9 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
 log "python $PY, device $DEVICE, results in $OUT"
 
 # ---------------------------------------------------------------- 2. GPU tests
+if step tests; then
 log "pytest -m gpu"
-timeout $((200 * SLOW)) "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
+timeout $((150 * SLOW)) "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
 rc=${PIPESTATUS[0]}
 "$PY" - "$OUT" "$rc" <<'EOF'
 import json, sys
@@ -83,29 +100,37 @@ lines = [l for l in open(f"{sys.argv[1]}/pytest.log").read().splitlines() if l.s
 json.dump({"returncode": int(sys.argv[2]), "summary": lines[-1].strip("= ") if lines else "no output"},
           open(f"{sys.argv[1]}/pytest.json", "w"))
 EOF
+fi
 
 # ---------------------------------------------------------------- 3. set-batched vs per-set loop
+if step train; then
 log "bench/train_bench.py --device $DEVICE"
 if [ "$SMOKE" = 1 ]; then TB=(--models "DNN,DCNv2" --steps 1 --batch-size 256); else TB=(--steps 20 --rounds 2); fi
-timeout $((150 * SLOW)) "$PY" bench/train_bench.py --device "$DEVICE" --cells SE1,ME10 "${TB[@]}" --json "$OUT/train.json" \
+timeout $((120 * SLOW)) "$PY" bench/train_bench.py --device "$DEVICE" --cells SE1,ME10 "${TB[@]}" --json "$OUT/train.json" \
     || log "train_bench failed or timed out (exit $?)"
+fi
 
-# ---------------------------------------------------------------- 4. end to end, one epoch
+# ---------------------------------------------------------------- 4. diagnostics pass
+if step diag; then
+log "bench/e2e_bench.py diag"
+if [ "$SMOKE" = 1 ]; then DG=(--sample-rows 2000 --small-tables --scale 2); else DG=(); fi
+timeout $((60 * SLOW)) "$PY" bench/e2e_bench.py diag --device "$DEVICE" "${DG[@]}" --json "$OUT/diag.json" \
+    || log "e2e_bench diag failed or timed out (exit $?)"
+fi
+
+# ---------------------------------------------------------------- 5. end to end, one epoch
+if step epoch; then
 log "bench/e2e_bench.py epoch"
 if [ "$SMOKE" = 1 ]; then
     E2E=(--rows 5000 --configs "stream-fp32:1024,stream-bf16:1024,cache-bf16:1024,cache-bf16-compile:1024,cache-bf16:4096")
 else
-    E2E=(--rows 5000000 --configs "stream-fp32:2048,stream-bf16:2048,cache-bf16:2048,cache-bf16-compile:2048,\
-cache-bf16:16384,cache-bf16:65536,cache-bf16-compile:65536")
+    # the target's configuration first: a step cut short by its timeout keeps the configurations already measured
+    E2E=(--rows 5000000 --num-workers 6 --configs "cache-bf16:2048,cache-bf16:16384,cache-bf16:65536,stream-fp32:2048,\
+stream-bf16:2048,cache-bf16-compile:2048,cache-bf16-compile:65536")
 fi
-timeout $((300 * SLOW)) "$PY" bench/e2e_bench.py epoch --device "$DEVICE" "${E2E[@]}" --json "$OUT/e2e.json" \
+timeout $((${GPU_CHECK_EPOCH_TIMEOUT:-200} * SLOW)) "$PY" bench/e2e_bench.py epoch --device "$DEVICE" "${E2E[@]}" --json "$OUT/e2e.json" \
     || log "e2e_bench epoch failed or timed out (exit $?)"
-
-# ---------------------------------------------------------------- 5. diagnostics pass
-log "bench/e2e_bench.py diag"
-if [ "$SMOKE" = 1 ]; then DG=(--sample-rows 2000 --small-tables --scale 2); else DG=(); fi
-timeout $((120 * SLOW)) "$PY" bench/e2e_bench.py diag --device "$DEVICE" "${DG[@]}" --json "$OUT/diag.json" \
-    || log "e2e_bench diag failed or timed out (exit $?)"
+fi
 
 # ---------------------------------------------------------------- 6. one JSON + the Markdown table
 log "report"

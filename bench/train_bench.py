@@ -23,6 +23,7 @@ import gc
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -233,9 +234,8 @@ def main():
                       f"{r['recscale'] / r['baseline']:>6.2f} {r['max_loss_diff']:>16.2e}", flush=True)
             else:
                 print(f"{name:<9} {mode} {scale:>2}x {r['recscale']:>10,.0f} {'':>10} {'':>6} {'':>16}", flush=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            if a.json:  # after every row: a run cut short by a timeout keeps what it measured
+                Path(a.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
