@@ -11,6 +11,8 @@ dropout as configured. Contenders, alternated round by round (A B C A B C ...; e
 * roblock-fact: the same with the ``factorized`` router (dynamic within-field gates times a learned cross-field
   mixing; trains on the fused block path);
 * roblock-fact-bf (``--layout-ab``): roblock-fact with RoBlockNet's batch-last stack switched off;
+* roblock-fact-torch, roblock-within-torch (``--native-ab``): those two with the native decode-mix kernel off
+  (``native_kernel: false``; recscale/models/decode_mix.py), the A/B of the kernel;
 * roblock-within: the same with the ``within_field`` router (candidates of the output field only: N = M K instead
   of M F K gates per field and head), to show what the cross-field mixing costs;
 * roblock-gauss (``--gaussian``): the same with the Gaussian-kernel HSIC (flattened components, 1024-row subsample),
@@ -48,13 +50,18 @@ def batch_first(f, d, m):
     return net
 
 
-def contenders(gaussian: bool, layout_ab: bool = False) -> dict:
+def contenders(gaussian: bool, layout_ab: bool = False, native_ab: bool = False) -> dict:
     c = {"plain": lambda f, d, m: DCNv2(f, d, m, cross_layers=4),
          "roblock": lambda f, d, m: RoBlockNet(f, d, m, **ROBLOCK)}
     c["roblock-fact"] = lambda f, d, m: RoBlockNet(f, d, m, **{**ROBLOCK, "router": "factorized"})
     c["roblock-within"] = lambda f, d, m: RoBlockNet(f, d, m, **{**ROBLOCK, "router": "within_field"})
     if layout_ab:
         c["roblock-fact-bf"] = batch_first
+    if native_ab:
+        c["roblock-fact-torch"] = lambda f, d, m: RoBlockNet(f, d, m, **{**ROBLOCK, "router": "factorized",
+                                                                         "native_kernel": False})
+        c["roblock-within-torch"] = lambda f, d, m: RoBlockNet(f, d, m, **{**ROBLOCK, "router": "within_field",
+                                                                           "native_kernel": False})
     if gaussian:
         c["roblock-gauss"] = lambda f, d, m: RoBlockNet(f, d, m, **{**ROBLOCK, "hsic_kernel": "gaussian"})
     return c
@@ -154,6 +161,9 @@ def main():
     ap.add_argument("--gaussian", action="store_true", help="also time RoBlock with the Gaussian-kernel HSIC")
     ap.add_argument("--layout-ab", action="store_true",
                     help="also time the factorized stack batch-first (roblock-fact-bf), the A/B of the batch-last stack")
+    ap.add_argument("--native-ab", action="store_true",
+                    help="also time the factorized and within-field stacks with the native decode-mix kernel off "
+                         "(roblock-fact-torch, roblock-within-torch: torch operations that write the components)")
     ap.add_argument("--only", default="", help="comma-separated contenders to run (plain is always run)")
     ap.add_argument("--threads", type=int, default=1,
                     help="intra-op threads (1: on a loaded machine two OpenMP threads wait at barriers for each other "
@@ -170,7 +180,7 @@ def main():
         mode, scale = cell[:2], int(cell[2:])
         res: dict[str, list[float]] = {}
         for _ in range(a.rounds):
-            for name, build in contenders(a.gaussian, a.layout_ab).items():
+            for name, build in contenders(a.gaussian, a.layout_ab, a.native_ab).items():
                 if a.only and name != "plain" and name not in a.only.split(","):
                     continue
                 res.setdefault(name, []).append(statistics.median(step_times(build, mode, scale, dims, data)))

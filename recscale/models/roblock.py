@@ -21,12 +21,14 @@ M = 1 the stack is the plain backbone: ``interaction="cross"`` + fixed residual 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.nn.functional as Fn
 from torch import Tensor, nn
 
+from recscale.models import decode_mix
 from recscale.models.dhen import MODULES, DHENLayer
 from recscale.models.hsic import (
     decorrelation_penalty,
@@ -519,16 +521,17 @@ class FieldRouter(nn.Module):
             return R.permute(2, 1, 0, 3)
         return torch.einsum("hgf,fbhd->hbgd", self.field_mix(), R)
 
-    def mix_batchlast(self, yt: Tensor, ct: Tensor) -> Tensor:
-        """The router on batch-last inputs (RoBlock's fused path): ybar (F, D, B), c (M, F, K, D, B) (views) ->
-        (M', F, D, B). Same map as ``forward``, for the field-local variants."""
+    def mix_batchlast(self, yt: Tensor, mix: Callable[[Tensor], Tensor]) -> Tensor:
+        """The router on batch-last inputs (RoBlock's fused path): ybar (F, D, B) and ``mix``, which maps the gates
+        g (F, H, M K, B) to ``R[f, h] = sum_n g[f, h, n] c[n, f]`` (F, H, D, B) for the candidates c (M, F, K, D, B)
+        -> (M', F, D, B). Same map as ``forward``, for the field-local variants."""
         if not self.local:  # the dense ones go through ``forward`` (batch-first); see RoBlock.fusable
             raise ValueError("mix_batchlast serves the field-local routers (within_field, factorized) only")
-        M, F, K, D, B = ct.shape
+        F, D, B = yt.shape
         H, n = self.heads, self.n
         cpar, U = self._params()
         logits = torch.baddbmm(cpar.unsqueeze(-1), U.transpose(1, 2), yt)  # (F, H n, B)
-        R = _LocalMix.apply(torch.softmax(logits.view(F, H, n, B), 2), ct)  # (F, H, D, B), candidates n = m K + k
+        R = mix(torch.softmax(logits.view(F, H, n, B), 2))  # (F, H, D, B), candidates n = m K + k
         if self.variant == "within_field":
             return R.transpose(0, 1)
         out = torch.matmul(self.field_mix(), R.transpose(0, 1).reshape(H, F, D * B))  # (H, F, D B)
@@ -638,7 +641,9 @@ class RoBlock(nn.Module):
     field), or with ``hsic_kernel="gaussian"`` the same over the flattened (B, F*D) components per set (rows subsampled
     to ``hsic_subsample``), or ``"rff"`` the same kernel through ``hsic_features`` random Fourier features (all
     rows), or ``"decorrelation"`` the surrogate; ``hsic_across_sets`` adds the pairs between sets.
-    It is computed only when ``want_hsic`` (training).
+    It is computed only when ``want_hsic`` (training). ``native_kernel`` lets the fused tail of the field-local
+    routers run the decoupler and the gated mixing as one native CPU kernel that never writes the components
+    (recscale/models/decode_mix.py; float32/float64 on the CPU outside autocast, else the torch operations).
     """
 
     def __init__(self, sets: int, heads: int, fields: int, dim: int, interaction: str = "cross",
@@ -650,7 +655,7 @@ class RoBlock(nn.Module):
                  hsic_kernel: str = "linear",
                  hsic_estimator: str = "biased", hsic_normalized: bool = True, hsic_subsample: int = 1024,
                  hsic_features: int = 256, hsic_across_sets: bool = False, dhen_modules: list[str] = list(MODULES),
-                 dhen_shortcut: bool = True):
+                 dhen_shortcut: bool = True, native_kernel: bool = True):
         super().__init__()
         if rebalance not in ("rank1", "center", "iternorm", "contranorm", "none"):
             raise _config_error(f"rebalance must be 'rank1', 'center', 'iternorm', 'contranorm' or 'none', "
@@ -677,7 +682,7 @@ class RoBlock(nn.Module):
         self.sets, self.heads, self.residual = sets, heads, residual
         self.hsic_kernel, self.hsic_estimator, self.hsic_normalized = hsic_kernel, hsic_estimator, hsic_normalized
         self.hsic_subsample, self.hsic_across_sets = hsic_subsample, hsic_across_sets
-        self.prenorm = prenorm
+        self.prenorm, self.native = prenorm, native_kernel
         self.interaction = Interaction(interaction, sets, fields, dim, dhen_modules, dhen_shortcut)
         if rebalance in ("rank1", "center"):
             self.rebalance = RankOneRebalance(sets, fields, dim, rebalance_rank, n_power, momentum,
@@ -783,10 +788,12 @@ class RoBlock(nn.Module):
             Am = A.reshape(M * F, D, K, D).mean(2).transpose(1, 2)
             et = torch.baddbmm(a.reshape(M * F, K, D).mean(1).unsqueeze(-1), Am, x2)
             return et.view(M, F, D, B), h
-        ct = torch.baddbmm(a.reshape(M * F, K * D, 1), A.reshape(M * F, D, K * D).transpose(1, 2), x2)
         yt = torch.baddbmm(t0.reshape(M * F, D, 1), T.reshape(M * F, D, D).transpose(1, 2), x2)
         ybar = yt.view(M, F, D, B).mean(0) if M > 1 else yt.view(F, D, B)
-        return self.router.mix_batchlast(ybar, ct.view(M, F, K, D, B)), h
+        if self.native and decode_mix.applies(xt, A, a):  # the components are never written (decode_mix.py)
+            return self.router.mix_batchlast(ybar, lambda g: decode_mix.decode_mix(xt, A, a.to(A.dtype), g)), h
+        ct = torch.baddbmm(a.reshape(M * F, K * D, 1), A.reshape(M * F, D, K * D).transpose(1, 2), x2)
+        return self.router.mix_batchlast(ybar, lambda g: _LocalMix.apply(g, ct.view(M, F, K, D, B))), h
 
     def forward_t(self, xt: Tensor, x0t: Tensor, want_hsic: bool = False,
                   hsic_grad: bool = True) -> tuple[Tensor, Tensor | None]:
@@ -856,7 +863,7 @@ class RoBlockNet(nn.Module):
                  hsic_subsample: int = 1024, hsic_features: int = 256, hsic_across_sets: bool = False,
                  x0_source: Literal["input", "regenerated"] = "input", dhen_modules: list[str] = list(MODULES),
                  dhen_shortcut: bool = True, every_k: int = 1, hidden: list[int] = [400, 400],
-                 dropout: float = 0.2):
+                 dropout: float = 0.2, native_kernel: bool = True):
         super().__init__()
         if blocks < 1:
             raise _config_error(f"blocks (depth L) must be >= 1, got {blocks}")
@@ -884,7 +891,8 @@ class RoBlockNet(nn.Module):
                   router=router, router_temperature=router_temperature, router_topk=router_topk,
                   residual=residual, hsic_kernel=hsic_kernel, hsic_estimator=hsic_estimator,
                   hsic_normalized=hsic_normalized, hsic_subsample=hsic_subsample, hsic_features=hsic_features,
-                  hsic_across_sets=hsic_across_sets, dhen_modules=dhen_modules, dhen_shortcut=dhen_shortcut)
+                  hsic_across_sets=hsic_across_sets, dhen_modules=dhen_modules, dhen_shortcut=dhen_shortcut,
+                  native_kernel=native_kernel)
         # every_k: layer l is a RoBlock when (l + 1) % k == 0, else the backbone's plain layer (ROBLOCK.md Sec. 2.1
         # alternative): every component off, with the backbone's own residual (DCNv2's "+ x_l"; none for CIN, DHEN
         # (its shortcut) and the MLP)
