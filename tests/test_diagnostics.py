@@ -92,6 +92,32 @@ def test_principal_angles():
     torch.testing.assert_close(mt.principal_cosines_from_gram(A.T @ A, B.T @ B, A.T @ B), mt.principal_cosines(A, B))
 
 
+def test_batched_diversity_equals_the_per_pair_form():
+    """``diversity_from_grams`` (two batched calls for every field and set pair) against ``principal_cosines_from_gram``
+    pair by pair, including sets of lower rank (fewer rows than columns, a repeated column, a set inside another's
+    span): the number of principal angles is min(rank_a, rank_b) in both. float64; only rounding differs (1e-10)."""
+    torch.manual_seed(5)
+    S, d = 4, 5
+    tables = [torch.randn(200, S * d, dtype=torch.float64),
+              torch.randn(3, S * d, dtype=torch.float64)]  # rank 3 < d in every set
+    t = torch.randn(100, S * d, dtype=torch.float64)
+    t[:, d + 1] = t[:, d]  # set 1 has rank d - 1
+    t[:, 2 * d:3 * d] = t[:, :d] @ torch.randn(d, d, dtype=torch.float64)  # set 2 spans set 0's space
+    tables.append(t)
+    grams = torch.stack([x.T @ x for x in tables])
+
+    def per_pair(g):
+        blk = lambda a, b: g[a * d:(a + 1) * d, b * d:(b + 1) * d]  # noqa: E731
+        return 1 - sum(float(mt.principal_cosines_from_gram(blk(a, a), blk(b, b), blk(a, b)).mean())
+                       for a in range(S) for b in range(a + 1, S)) / (S * (S - 1) / 2)
+
+    got = mt.diversity_from_grams(grams, S, d)
+    torch.testing.assert_close(got, torch.tensor([per_pair(g) for g in grams], dtype=torch.float64),
+                               rtol=1e-10, atol=1e-10)
+    assert 0.0 < float(got[2]) < float(got[0])  # a set inside another's span makes the field less diverse
+    assert mt.diversity_from_grams(torch.zeros(1, 2 * d, 2 * d), 2, d).isnan().all()  # rank 0: no angles, NaN
+
+
 def test_sub_embedding_ia_matches_direct_blocks():
     torch.manual_seed(4)
     F_, D = 4, 3

@@ -252,14 +252,6 @@ def _gradient_moments(model, ids: Tensor, y: Tensor, opts: Options) -> Moments:
     return acc
 
 
-def _diversity(g: Tensor, sets: int, d: int) -> float:
-    """1 - mean principal cosine over the set pairs of one field, from its (sets*d square) Gram (ICML Fig. 10a)."""
-    blk = lambda a, b: g[a * d:(a + 1) * d, b * d:(b + 1) * d]  # noqa: E731
-    sims = [float(mt.principal_cosines_from_gram(blk(a, a), blk(b, b), blk(a, b)).mean())
-            for a in range(sets) for b in range(a + 1, sets)]
-    return 1.0 - float(np.mean(sims))
-
-
 def _ia(sigma: Tensor) -> float:
     return mt.information_abundance(sigma=sigma)
 
@@ -305,7 +297,7 @@ def compute_report(model, sample: tuple[Tensor, Tensor] | None, opts: Options | 
             if scale > 1 and D % scale == 0 else None
         if split is not None and not opts.normalize_rows:
             sets, d, key = split
-            div = [_diversity(full[f], sets, d) for f in range(len(dims))]
+            div = mt.diversity_from_grams(torch.stack(full), sets, d).tolist()
             rep.metrics[f"{key}/mean"] = float(np.mean(div))
             for f, n in enumerate(names):
                 rep.metrics[f"{key}/{n}"] = div[f]

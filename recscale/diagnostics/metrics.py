@@ -203,6 +203,28 @@ def spectrum_from_gram(g: Tensor, rank: int | None = None) -> Tensor:
     return torch.where(s >= GRAM_RESOLUTION * s[:1], s, torch.zeros_like(s)) if len(s) else s
 
 
+def diversity_from_grams(g: Tensor, sets: int, d: int, rtol: float = 1e-10) -> Tensor:
+    """``1 - mean principal cosine`` over the set pairs of each field (ICML 2024 Fig. 10a, ``set_diversity``), from the
+    fields' Grams of their concatenated sets, g (F, sets d, sets d) -> (F,), in two batched calls.
+
+    ``principal_cosines_from_gram`` for every field and pair at once: each diagonal block is whitened by one batched
+    eigendecomposition, with the directions it drops (eigenvalue <= rtol * largest) kept as zero columns, so that
+    ``W_a^T G_ab W_b`` has the compact product's singular values padded with zeros; each pair keeps its first
+    ``min(rank_a, rank_b)``, the number of principal angles. A field with a rank-0 set gives NaN, like the per-pair
+    form."""
+    F = g.shape[0]
+    blocks = g.to(torch.float64).reshape(F, sets, d, sets, d).transpose(2, 3)  # (F, a, b, d, d): G_ab
+    diag = torch.arange(sets)
+    ev, vec = torch.linalg.eigh(blocks[:, diag, diag])  # (F, S, d), (F, S, d, d)
+    keep = ev > rtol * ev.max(-1, keepdim=True).values.clamp_min(1e-300)
+    w = vec * torch.where(keep, ev.clamp_min(1e-300).rsqrt(), torch.zeros_like(ev)).unsqueeze(-2)
+    a, b = torch.triu_indices(sets, sets, 1)
+    cos = torch.linalg.svdvals(w[:, a].transpose(-1, -2) @ blocks[:, a, b] @ w[:, b]).clamp(0.0, 1.0)  # (F, P, d)
+    r = torch.minimum(keep.sum(-1)[:, a], keep.sum(-1)[:, b])  # (F, P)
+    mean = (cos * (torch.arange(d) < r.unsqueeze(-1))).sum(-1) / r  # NaN where r = 0
+    return 1.0 - mean.mean(-1)
+
+
 def principal_cosines_from_gram(g_aa: Tensor, g_bb: Tensor, g_ab: Tensor, rtol: float = 1e-10) -> Tensor:
     """Principal cosines of the column spaces of A and B given only ``A^T A``, ``B^T B`` and ``A^T B``.
 
