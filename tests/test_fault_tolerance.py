@@ -142,6 +142,26 @@ def test_non_finite_loss_stops_with_the_step(criteo_dir, tmp_path):
     assert "no epoch had finished" in msg and "start again" in msg and "--ckpt_path" not in msg
 
 
+def test_device_side_nonfinite_record_reports_the_first_bad_step(monkeypatch):
+    """The accelerator path of the non-finite check (CTRModel._record_nonfinite / _check_nonfinite, device-agnostic
+    tensor code, run here on CPU tensors): finite losses leave nothing, the first non-finite step and its loss are
+    kept however many follow, and the check raises the same message as the per-step check on the CPU."""
+    from recscale.models import backbones as bb
+    from recscale.models.module import CTRModel
+
+    m = CTRModel(lambda f, d, s: bb.DNN(f, d, s, hidden=[4]), field_dims=[3, 4])
+    step = {"n": 0}
+    monkeypatch.setattr(CTRModel, "global_step", property(lambda self: step["n"]))  # no trainer attached
+    for n, v in enumerate([0.7, 0.6, float("inf"), float("nan"), 0.5]):
+        step["n"] = 10 + n
+        m._record_nonfinite(torch.tensor(v))
+        if n == 1:
+            m._check_nonfinite()  # all finite so far: no error
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss inf at global step 12$"):
+        m._check_nonfinite()
+    m._check_nonfinite()  # reported once
+
+
 def test_nan_advice_as_printed_continues_from_the_last_good_epoch(criteo_dir, tmp_path):
     """The NaN stop after a finished epoch names a checkpoint; following the advice literally (lower --model.lr, then
     --ckpt_path as printed) continues from that epoch with the new lr, in a new run that records where it came from."""

@@ -118,3 +118,13 @@ def test_diagnostics_on_cuda_equal_cpu_float64(criteo_dir):
     bad = {k: (cpu[k], gpu[k]) for k in cpu if not k.startswith("seconds")  # timings differ, of course
            and not abs(cpu[k] - gpu[k]) <= 1e-6 * max(abs(cpu[k]), abs(gpu[k]), 1e-12)}
     assert not bad, bad
+
+
+def test_nonfinite_loss_stops_on_cuda_without_a_per_step_sync(criteo_dir, store, capsys):
+    """On the GPU the non-finite check is read every CTRModel.NONFINITE_CHECK_EVERY steps and at each epoch's end
+    (no host synchronisation per step): an exploding lr still stops the fit (exit code 3) naming the first bad step."""
+    with pytest.raises(SystemExit) as e:
+        _fit(criteo_dir, "--model.lr=1e30")
+    assert e.value.code == 3
+    err = capsys.readouterr().err
+    assert "non-finite training loss" in err and "global step" in err, err[-2000:]

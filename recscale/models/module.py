@@ -169,16 +169,51 @@ class CTRModel(L.LightningModule):
             loss = loss + 0.5 * self.hparams.embedding_l2 * self.embedding.weight.pow(2).sum()
         return loss
 
+    # On an accelerator the non-finite check must not read the loss every step: that blocks the host until the
+    # step's forward has run, so it cannot queue the next step's work (at batch 2048 the GPU then waits on the host).
+    # There, the first non-finite step and its loss are recorded on the device and read every this many steps and at
+    # the end of every training epoch, before the epoch's checkpoint is written.
+    NONFINITE_CHECK_EVERY = 100
+
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = self.loss(self(x), y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at global step {self.global_step}")
+        if loss.device.type == "cpu":
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss {loss.item()} at global step {self.global_step}")
+        else:
+            self._record_nonfinite(loss.detach())
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
         aux = getattr(self.backbone, "aux_metrics", None)  # extra training terms (e.g. RoBlock's HSIC) as train/<name>
         for name, value in (aux() if aux is not None else {}).items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=len(y))
         return loss
+
+    def _record_nonfinite(self, loss: Tensor) -> None:
+        """Device-side: (first non-finite global step or -1, its loss), kept without a host synchronisation."""
+        if getattr(self, "_nonfinite", None) is None or self._nonfinite[0].device != loss.device:
+            self._nonfinite = (torch.full((), -1, dtype=torch.long, device=loss.device),
+                               torch.zeros((), dtype=torch.float32, device=loss.device))
+        first, value = self._nonfinite
+        new = ~torch.isfinite(loss) & (first < 0)
+        first.copy_(torch.where(new, torch.full_like(first, self.global_step), first))
+        value.copy_(torch.where(new, loss.float(), value))
+
+    def _check_nonfinite(self) -> None:
+        if getattr(self, "_nonfinite", None) is None:
+            return
+        first, value = self._nonfinite
+        step = int(first.item())  # the one host read
+        if step >= 0:
+            self._nonfinite = None
+            raise FloatingPointError(f"non-finite training loss {float(value.item())} at global step {step}")
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # module hooks run after the callbacks' of the same name, and every callback's on_train_epoch_end (where
+        # checkpoints are written) comes after the last batch's on_train_batch_end
+        last = self.trainer is not None and batch_idx + 1 >= self.trainer.num_training_batches
+        if last or (self.global_step % self.NONFINITE_CHECK_EVERY == 0):
+            self._check_nonfinite()
 
     def _eval_step(self, batch, stage: str) -> None:
         x, y = batch
