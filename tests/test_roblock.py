@@ -606,10 +606,12 @@ def _decode_mix_reference(x, A, a, g):
 
 
 @pytest.mark.skipif(not decode_mix.available(), reason=f"native kernel unavailable: {decode_mix.unavailable_reason()}")
-@pytest.mark.parametrize("M,F,K,D,H,B", [(1, 3, 4, 5, 1, 7), (2, 3, 2, 4, 2, 33), (3, 2, 3, 6, 3, 64)])
+@pytest.mark.parametrize("M,F,K,D,H,B", [(1, 3, 4, 5, 1, 7), (2, 3, 2, 4, 2, 33), (3, 2, 3, 6, 3, 64),
+                                         (1, 3, 4, 10, 1, 37), (2, 3, 4, 10, 2, 16), (2, 2, 4, 10, 3, 5)])
 def test_decode_mix_kernel_equals_the_written_out_components(M, F, K, D, H, B):
     """The native kernel against einsums that write the components, float64 to 1e-12 (summation order only), float32
-    to 1e-5 relative (float32 rounding over D + M K terms), for batches that are not a multiple of any vector width;
+    to 1e-5 relative (float32 rounding over D + M K terms), for batches that are not a multiple of any vector width
+    (and D = 10, K = 4: the register-blocked path with its zero-padded last strip, B = 5 below one vector);
     gradients of all four inputs; two threads give the first thread's numbers (fields are split between threads)."""
     torch.manual_seed(0)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):

@@ -52,7 +52,7 @@ static void comp_row_##SUF(const T *xmf, const T *Amf, T aj, int64_t j, int64_t 
         for (int64_t b = 0; b < B; b++) c[b] += w * xr[b];                                                          \
     }                                                                                                               \
 }                                                                                                                   \
-int decode_mix_fwd_##SUF(const T *x, const T *A, const T *a, const T *g, T *R, int64_t M, int64_t F, int64_t K,    \
+static int row_fwd_##SUF(const T *x, const T *A, const T *a, const T *g, T *R, int64_t M, int64_t F, int64_t K,    \
                          int64_t D, int64_t H, int64_t B, int nthreads) {                                           \
     const int64_t KD = K * D, n = M * K;                                                                            \
     int err = 0;                                                                                                    \
@@ -80,7 +80,7 @@ int decode_mix_fwd_##SUF(const T *x, const T *A, const T *a, const T *g, T *R, i
     }                                                                                                               \
     return err;                                                                                                     \
 }                                                                                                                   \
-int decode_mix_bwd_##SUF(const T *x, const T *A, const T *a, const T *g, const T *dR, T *dx, T *dA, T *da, T *dg,  \
+static int row_bwd_##SUF(const T *x, const T *A, const T *a, const T *g, const T *dR, T *dx, T *dA, T *da, T *dg,  \
                          int64_t M, int64_t F, int64_t K, int64_t D, int64_t H, int64_t B, int nthreads) {          \
     const int64_t KD = K * D, n = M * K;                                                                            \
     int err = 0;                                                                                                    \
@@ -132,6 +132,138 @@ int decode_mix_bwd_##SUF(const T *x, const T *A, const T *a, const T *g, const T
 
 DEFINE(float, f32)
 DEFINE(double, f64)
+/* D = 10, K = 4 (the configs' sizes): strips of one vector along B, D and K compile-time constants, so the D rows of
+   x and the running sums stay in registers; results equal the row-wise path's (same summation orders) */
+#define DMAX 10  /* the strip path is specialised to D = 10 */
+#define HMAX 64
+#define DEFINE_STRIP(T, SUF, VL)                                                                                    \
+typedef T V_##SUF __attribute__((vector_size(VL * sizeof(T)), aligned(sizeof(T))));                                 \
+static inline V_##SUF ld_##SUF(const T *p) { return *(const V_##SUF *)p; }                                         \
+static inline void st_##SUF(T *p, V_##SUF v) { *(V_##SUF *)p = v; }                                                 \
+static inline T hsum_##SUF(V_##SUF v) { T s = 0; for (int i = 0; i < VL; i++) s += v[i]; return s; }                \
+/* one strip of VL columns; x(m, d) = xs + (m xsm + d) ldx, g(h, i) = gs + (h n + i) ldg, R(h, dp) = Rs + (h D + dp) ldr */ \
+static inline __attribute__((always_inline)) void fwd_strip_##SUF(const T *xs, int64_t xsm, int64_t ldx, const T *Af, const T *af, int64_t FDKD, int64_t FKD,\
+                            const T *gs, int64_t ldg, T *Rs, int64_t ldr, int64_t M, int64_t K, int64_t D, int64_t H) {\
+    const int64_t KD = K * D, n = M * K;                                                                            \
+    for (int64_t dp = 0; dp < D; dp++) {                                                                            \
+        V_##SUF acc[HMAX];                                                                                          \
+        for (int64_t h = 0; h < H; h++) acc[h] = (V_##SUF){0};                                                      \
+        for (int64_t m = 0; m < M; m++) {                                                                           \
+            const T *Am = Af + m * FDKD, *am = af + m * FKD;                                                        \
+            V_##SUF xv[DMAX];                                                                                       \
+            for (int64_t d = 0; d < D; d++) xv[d] = ld_##SUF(xs + (m * xsm + d) * ldx);                             \
+            for (int64_t k = 0; k < K; k++) {                                                                       \
+                const int64_t j = k * D + dp;                                                                       \
+                V_##SUF c = (V_##SUF){0} + am[j];                                                                   \
+                for (int64_t d = 0; d < D; d++) c += Am[d * KD + j] * xv[d];                                        \
+                for (int64_t h = 0; h < H; h++) acc[h] += ld_##SUF(gs + (h * n + m * K + k) * ldg) * c;            \
+            }                                                                                                       \
+        }                                                                                                           \
+        for (int64_t h = 0; h < H; h++) st_##SUF(Rs + (h * D + dp) * ldr, acc[h]);                                 \
+    }                                                                                                               \
+}                                                                                                                   \
+static inline __attribute__((always_inline)) void bwd_strip_##SUF(const T *xs, int64_t xsm, int64_t ldx, const T *Af, const T *af, int64_t FDKD,          \
+                            int64_t FKD, const T *gs, int64_t ldg, const T *dRs, int64_t ldr, T *dxs, T *dgs,       \
+                            V_##SUF *daacc, V_##SUF *dAacc, int64_t M, int64_t K, int64_t D, int64_t H) {           \
+    const int64_t KD = K * D, n = M * K;                                                                            \
+    for (int64_t m = 0; m < M; m++) {                                                                               \
+        const T *Am = Af + m * FDKD, *am = af + m * FKD;                                                            \
+        V_##SUF xv[DMAX], dxv[DMAX];                                                                                \
+        for (int64_t d = 0; d < D; d++) { xv[d] = ld_##SUF(xs + (m * xsm + d) * ldx); dxv[d] = (V_##SUF){0}; }     \
+        for (int64_t k = 0; k < K; k++) {                                                                           \
+            V_##SUF dgv[HMAX];                                                                                      \
+            for (int64_t h = 0; h < H; h++) dgv[h] = (V_##SUF){0};                                                  \
+            for (int64_t dp = 0; dp < D; dp++) {                                                                    \
+                const int64_t j = k * D + dp;                                                                       \
+                V_##SUF c = (V_##SUF){0} + am[j];                                                                   \
+                for (int64_t d = 0; d < D; d++) c += Am[d * KD + j] * xv[d];                                        \
+                V_##SUF dc = (V_##SUF){0};                                                                          \
+                for (int64_t h = 0; h < H; h++) {                                                                   \
+                    const V_##SUF dr = ld_##SUF(dRs + (h * D + dp) * ldr);                                          \
+                    dc += ld_##SUF(gs + (h * n + m * K + k) * ldg) * dr;                                            \
+                    dgv[h] += dr * c;                                                                               \
+                }                                                                                                   \
+                daacc[m * KD + j] += dc;                                                                            \
+                V_##SUF *dAm = dAacc + m * D * KD;                                                                  \
+                for (int64_t d = 0; d < D; d++) { dAm[d * KD + j] += xv[d] * dc; dxv[d] += Am[d * KD + j] * dc; }  \
+            }                                                                                                       \
+            for (int64_t h = 0; h < H; h++) st_##SUF(dgs + (h * n + m * K + k) * ldg, dgv[h]);                     \
+        }                                                                                                           \
+        for (int64_t d = 0; d < D; d++) st_##SUF(dxs + (m * xsm + d) * ldx, dxv[d]);                                \
+    }                                                                                                               \
+}                                                                                                                   \
+int decode_mix_fwd_##SUF(const T *x, const T *A, const T *a, const T *g, T *R, int64_t M, int64_t F,          \
+                               int64_t K, int64_t D, int64_t H, int64_t B, int nthreads) {                          \
+    const int64_t KD = K * D, n = M * K, full = B / VL * VL;                                                        \
+    if (D != 10 || K != 4 || H > HMAX) return row_fwd_##SUF(x, A, a, g, R, M, F, K, D, H, B, nthreads);          \
+    int err = 0;                                                                                                    \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                                              \
+    for (int64_t f = 0; f < F; f++) {                                                                               \
+        const T *Af = A + f * D * KD, *af = a + f * KD, *xf = x + f * D * B, *gf = g + f * H * n * B;               \
+        T *Rf = R + f * H * D * B;                                                                                  \
+        for (int64_t b0 = 0; b0 < full; b0 += VL)  /* D = 10, K = 4 as constants: x in registers */              \
+            fwd_strip_##SUF(xf + b0, F * D, B, Af, af, F * D * KD, F * KD, gf + b0, B, Rf + b0, B, M, 4, 10, H);   \
+        if (full < B) {  /* the last columns, zero-padded to one vector */                                          \
+            const int64_t r = B - full;                                                                             \
+            T *buf = (T *)calloc((M * D + H * n + H * D) * VL, sizeof(T));                                          \
+            if (!buf) { err = 1; continue; }                                                                        \
+            T *xb = buf, *gb = buf + M * D * VL, *Rb = gb + H * n * VL;                                             \
+            for (int64_t i = 0; i < M * D; i++)                                                                     \
+                memcpy(xb + i * VL, xf + ((i / D) * F * D + i % D) * B + full, r * sizeof(T));                      \
+            for (int64_t i = 0; i < H * n; i++) memcpy(gb + i * VL, gf + i * B + full, r * sizeof(T));              \
+            fwd_strip_##SUF(xb, D, VL, Af, af, F * D * KD, F * KD, gb, VL, Rb, VL, M, K, D, H);                     \
+            for (int64_t i = 0; i < H * D; i++) memcpy(Rf + i * B + full, Rb + i * VL, r * sizeof(T));              \
+            free(buf);                                                                                              \
+        }                                                                                                           \
+    }                                                                                                               \
+    return err;                                                                                                     \
+}                                                                                                                   \
+int decode_mix_bwd_##SUF(const T *x, const T *A, const T *a, const T *g, const T *dR, T *dx, T *dA, T *da,    \
+                               T *dg, int64_t M, int64_t F, int64_t K, int64_t D, int64_t H, int64_t B, int nthreads) {\
+    const int64_t KD = K * D, n = M * K, full = B / VL * VL;                                                        \
+    if (D != 10 || K != 4 || H > HMAX)                                                                              \
+        return row_bwd_##SUF(x, A, a, g, dR, dx, dA, da, dg, M, F, K, D, H, B, nthreads);                           \
+    int err = 0;                                                                                                    \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                                              \
+    for (int64_t f = 0; f < F; f++) {                                                                               \
+        const T *Af = A + f * D * KD, *af = a + f * KD, *xf = x + f * D * B, *gf = g + f * H * n * B;               \
+        const T *dRf = dR + f * H * D * B;                                                                          \
+        T *dxf = dx + f * D * B, *dgf = dg + f * H * n * B;                                                         \
+        V_##SUF *acc = (V_##SUF *)aligned_alloc(64, ((M * KD + M * D * KD) * sizeof(V_##SUF) + 63) / 64 * 64);      \
+        if (!acc) { err = 1; continue; }                                                                            \
+        memset(acc, 0, (M * KD + M * D * KD) * sizeof(V_##SUF));                                                    \
+        V_##SUF *daacc = acc, *dAacc = acc + M * KD;                                                                \
+        for (int64_t b0 = 0; b0 < full; b0 += VL)                                                                   \
+            bwd_strip_##SUF(xf + b0, F * D, B, Af, af, F * D * KD, F * KD, gf + b0, B, dRf + b0, B, dxf + b0,      \
+                            dgf + b0, daacc, dAacc, M, 4, 10, H);                                                   \
+        if (full < B) {                                                                                             \
+            const int64_t r = B - full;                                                                             \
+            T *buf = (T *)calloc((2 * M * D + 2 * H * n + H * D) * VL, sizeof(T));                                  \
+            if (!buf) { err = 1; free(acc); continue; }                                                             \
+            T *xb = buf, *gb = xb + M * D * VL, *dRb = gb + H * n * VL, *dxb = dRb + H * D * VL, *dgb = dxb + M * D * VL; \
+            for (int64_t i = 0; i < M * D; i++)                                                                     \
+                memcpy(xb + i * VL, xf + ((i / D) * F * D + i % D) * B + full, r * sizeof(T));                      \
+            for (int64_t i = 0; i < H * n; i++) memcpy(gb + i * VL, gf + i * B + full, r * sizeof(T));              \
+            for (int64_t i = 0; i < H * D; i++) memcpy(dRb + i * VL, dRf + i * B + full, r * sizeof(T));            \
+            bwd_strip_##SUF(xb, D, VL, Af, af, F * D * KD, F * KD, gb, VL, dRb, VL, dxb, dgb, daacc, dAacc, M, K, D, H); \
+            for (int64_t i = 0; i < M * D; i++)                                                                     \
+                memcpy(dxf + ((i / D) * F * D + i % D) * B + full, dxb + i * VL, r * sizeof(T));                    \
+            for (int64_t i = 0; i < H * n; i++) memcpy(dgf + i * B + full, dgb + i * VL, r * sizeof(T));            \
+            free(buf);                                                                                              \
+        }                                                                                                           \
+        for (int64_t m = 0; m < M; m++)                                                                             \
+            for (int64_t j = 0; j < KD; j++) {                                                                      \
+                da[(m * F + f) * KD + j] = hsum_##SUF(daacc[m * KD + j]);                                           \
+                for (int64_t d = 0; d < D; d++)                                                                     \
+                    dA[((m * F + f) * D + d) * KD + j] = hsum_##SUF(dAacc[(m * D + d) * KD + j]);                  \
+            }                                                                                                       \
+        free(acc);                                                                                                  \
+    }                                                                                                               \
+    return err;                                                                                                     \
+}
+
+DEFINE_STRIP(float, f32, 8)
+DEFINE_STRIP(double, f64, 4)
 """
 
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
