@@ -43,8 +43,10 @@ DEPS='import torch, lightning, torchmetrics, mlflow, polars, pyarrow, jsonargpar
 SITE_TAR=${GPU_CHECK_SITE_TAR:-$ROOT/.whl/gpusite.tar.xz}
 if [ -f "$SITE_TAR" ]; then
     SITE=${TMPDIR:-/tmp}/recscale-gpusite
-    if [ ! -f "$SITE/.complete" ]; then rm -rf "$SITE" && mkdir -p "$SITE" && python3 -c \
-        'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$SITE_TAR" "$SITE" && touch "$SITE/.complete" || { log "could not unpack $SITE_TAR"; exit 1; }; fi
+    # tar + xz where they exist (Python's tarfile took 36 s on the H200 machine, 2026-11-27), else Python
+    if [ ! -f "$SITE/.complete" ]; then rm -rf "$SITE" && mkdir -p "$SITE" && { tar -xJf "$SITE_TAR" -C "$SITE" \
+        2>/dev/null || python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
+        "$SITE_TAR" "$SITE"; } && touch "$SITE/.complete" || { log "could not unpack $SITE_TAR"; exit 1; }; fi
     export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
     log "packages from $SITE_TAR on PYTHONPATH"
 fi
