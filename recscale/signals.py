@@ -62,6 +62,13 @@ class GracefulStop(Callback):
             return
         if trainer.state.fn != "fit":  # stopped in the test after fit: training is over, its checkpoints stay as they are
             return
+        try:  # on accelerators the non-finite check is deferred (CTRModel): never save weights a NaN step reached
+            getattr(pl_module, "_check_nonfinite", lambda: None)()
+        except FloatingPointError as e:
+            if trainer.is_global_zero:
+                print(f"recscale: received {signal.Signals(self.signum).name}; last.ckpt not refreshed: {e}",
+                      file=sys.stderr, flush=True)
+            return
         ck = trainer.checkpoint_callback
         where = Path(ck.dirpath) if ck is not None and ck.dirpath else Path(trainer.default_root_dir) / "checkpoints"
         path = where / "last.ckpt"

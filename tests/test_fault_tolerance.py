@@ -162,6 +162,32 @@ def test_device_side_nonfinite_record_reports_the_first_bad_step(monkeypatch):
     m._check_nonfinite()  # reported once
 
 
+def test_sigterm_after_a_deferred_nonfinite_step_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """SIGTERM on an accelerator, within the steps before the deferred non-finite check is read: GracefulStop reads it
+    first and does not overwrite last.ckpt with weights a NaN step reached (it says so); without a recorded NaN it
+    saves as before."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from recscale.models import backbones as bb
+    from recscale.models.module import CTRModel
+    from recscale.signals import GracefulStop
+
+    model = CTRModel(lambda f, d, s: bb.DNN(f, d, s, hidden=[4]), field_dims=[3, 4])
+    monkeypatch.setattr(CTRModel, "global_step", property(lambda self: 7))
+    saved = []
+    trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), checkpoint_callback=None, default_root_dir=str(tmp_path),
+                              save_checkpoint=saved.append, is_global_zero=True, global_step=7, current_epoch=0)
+    stop = GracefulStop()
+    stop.signum = signal.SIGTERM
+    model._record_nonfinite(torch.tensor(float("nan")))
+    stop.on_exception(trainer, model, SIGTERMException())
+    assert saved == [] and "last.ckpt not refreshed: non-finite training loss nan at global step 7" in capsys.readouterr().err
+    stop.on_exception(trainer, model, SIGTERMException())  # nothing recorded any more: saves
+    assert saved == [tmp_path / "checkpoints" / "last.ckpt"]
+
+
 def test_nan_advice_as_printed_continues_from_the_last_good_epoch(criteo_dir, tmp_path):
     """The NaN stop after a finished epoch names a checkpoint; following the advice literally (lower --model.lr, then
     --ckpt_path as printed) continues from that epoch with the new lr, in a new run that records where it came from."""
