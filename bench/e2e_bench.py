@@ -99,8 +99,8 @@ def run_epoch(data_dir: Path, cfg: dict, device: str, mode: str, scale: int, num
                     got["samples_per_s"] = (self.n - self.n0) / max(now - self.t0, 1e-9)
                     got["steady_batches"] = batch_idx - self.warm
 
-        def on_train_epoch_end(self, trainer, pl_module):  # the whole epoch, as SamplesPerSecond logs it
-            rate._pause()  # its clock stops here too (no validation runs: limit_val_batches=0)
+        def on_train_epoch_end(self, trainer, pl_module):  # the whole epoch, as SamplesPerSecond logs it (its own
+            # on_train_epoch_end, earlier in the callback list, has stopped its clock)
             got["epoch_samples_per_s"] = rate.n / max(rate.seconds, 1e-9)
             got["rows"] = rate.n
             got.setdefault("samples_per_s", got["epoch_samples_per_s"])

@@ -211,7 +211,7 @@ int decode_mix_fwd_##SUF(const T *x, const T *A, const T *a, const T *g, T *R, i
             for (int64_t i = 0; i < M * D; i++)                                                                     \
                 memcpy(xb + i * VL, xf + ((i / D) * F * D + i % D) * B + full, r * sizeof(T));                      \
             for (int64_t i = 0; i < H * n; i++) memcpy(gb + i * VL, gf + i * B + full, r * sizeof(T));              \
-            fwd_strip_##SUF(xb, D, VL, Af, af, F * D * KD, F * KD, gb, VL, Rb, VL, M, K, D, H);                     \
+            fwd_strip_##SUF(xb, D, VL, Af, af, F * D * KD, F * KD, gb, VL, Rb, VL, M, 4, 10, H);                     \
             for (int64_t i = 0; i < H * D; i++) memcpy(Rf + i * B + full, Rb + i * VL, r * sizeof(T));              \
             free(buf);                                                                                              \
         }                                                                                                           \
@@ -245,7 +245,7 @@ int decode_mix_bwd_##SUF(const T *x, const T *A, const T *a, const T *g, const T
                 memcpy(xb + i * VL, xf + ((i / D) * F * D + i % D) * B + full, r * sizeof(T));                      \
             for (int64_t i = 0; i < H * n; i++) memcpy(gb + i * VL, gf + i * B + full, r * sizeof(T));              \
             for (int64_t i = 0; i < H * D; i++) memcpy(dRb + i * VL, dRf + i * B + full, r * sizeof(T));            \
-            bwd_strip_##SUF(xb, D, VL, Af, af, F * D * KD, F * KD, gb, VL, dRb, VL, dxb, dgb, daacc, dAacc, M, K, D, H); \
+            bwd_strip_##SUF(xb, D, VL, Af, af, F * D * KD, F * KD, gb, VL, dRb, VL, dxb, dgb, daacc, dAacc, M, 4, 10, H); \
             for (int64_t i = 0; i < M * D; i++)                                                                     \
                 memcpy(dxf + ((i / D) * F * D + i % D) * B + full, dxb + i * VL, r * sizeof(T));                    \
             for (int64_t i = 0; i < H * n; i++) memcpy(dgf + i * B + full, dgb + i * VL, r * sizeof(T));            \

@@ -140,6 +140,7 @@ class CTRModel(L.LightningModule):
         self.first_order = None
         if getattr(self.backbone, "first_order", False):
             self.first_order = nn.Parameter(torch.randn(sum(field_dims), 1))
+        self._nonfinite: tuple[Tensor, Tensor] | None = None  # accelerators: see NONFINITE_CHECK_EVERY
         self.metrics = nn.ModuleDict({
             f"{stage}_{name}": metric
             for stage in ("val", "test")
@@ -191,7 +192,7 @@ class CTRModel(L.LightningModule):
 
     def _record_nonfinite(self, loss: Tensor) -> None:
         """Device-side: (first non-finite global step or -1, its loss), kept without a host synchronisation."""
-        if getattr(self, "_nonfinite", None) is None or self._nonfinite[0].device != loss.device:
+        if self._nonfinite is None or self._nonfinite[0].device != loss.device:
             self._nonfinite = (torch.full((), -1, dtype=torch.long, device=loss.device),
                                torch.zeros((), dtype=torch.float32, device=loss.device))
         first, value = self._nonfinite
@@ -200,13 +201,13 @@ class CTRModel(L.LightningModule):
         value.copy_(torch.where(new, loss.float(), value))
 
     def _check_nonfinite(self) -> None:
-        if getattr(self, "_nonfinite", None) is None:
+        if self._nonfinite is None:
             return
         first, value = self._nonfinite
         step = int(first.item())  # the one host read
         if step >= 0:
             self._nonfinite = None
-            raise FloatingPointError(f"non-finite training loss {float(value.item())} at global step {step}")
+            raise FloatingPointError(f"non-finite training loss {value.item()} at global step {step}")
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # module hooks run after the callbacks' of the same name, and every callback's on_train_epoch_end (where

@@ -791,7 +791,7 @@ class RoBlock(nn.Module):
         yt = torch.baddbmm(t0.reshape(M * F, D, 1), T.reshape(M * F, D, D).transpose(1, 2), x2)
         ybar = yt.view(M, F, D, B).mean(0) if M > 1 else yt.view(F, D, B)
         if self.native and decode_mix.applies(xt, A, a):  # the components are never written (decode_mix.py)
-            return self.router.mix_batchlast(ybar, lambda g: decode_mix.decode_mix(xt, A, a.to(A.dtype), g)), h
+            return self.router.mix_batchlast(ybar, lambda g: decode_mix.decode_mix(xt, A, a, g)), h
         ct = torch.baddbmm(a.reshape(M * F, K * D, 1), A.reshape(M * F, D, K * D).transpose(1, 2), x2)
         return self.router.mix_batchlast(ybar, lambda g: _LocalMix.apply(g, ct.view(M, F, K, D, B))), h
 
