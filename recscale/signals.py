@@ -11,7 +11,10 @@ there into the same MLflow run.
 
 Resuming from a checkpoint taken mid-epoch continues at the same optimizer step; the batches still due in that epoch
 are drawn from the start of the epoch's order (the data stream keeps no position), so a resumed run is not bitwise the
-uninterrupted one. A checkpoint saved at an epoch end (``last.ckpt`` after validation) resumes exactly.
+uninterrupted one. A checkpoint saved at an epoch end (``last.ckpt`` after validation) resumes exactly. A stop between
+validation batches saves the loops as if that validation had not started: the resumed fit validates the epoch again
+from its first batch (Lightning would otherwise take an epoch whose batches are all trained for a validated one, and
+EarlyStopping would find no ``val/auc``).
 
 Lightning's own handling (``SIGTERM`` sets ``trainer.received_sigterm``; the loops then raise ``SIGTERMException``, a
 ``SystemExit`` with code 0) is reused for the stopping point; this callback adds SIGUSR1, the checkpoint and the exit
@@ -69,6 +72,8 @@ class GracefulStop(Callback):
                 print(f"recscale: received {signal.Signals(self.signum).name}; last.ckpt not refreshed: {e}",
                       file=sys.stderr, flush=True)
             return
+        if trainer.validating:  # stopped between validation batches of the fit (trainer.state.stage is still VALIDATING)
+            _validate_again_on_resume(trainer.fit_loop.epoch_loop.val_loop.batch_progress)
         ck = trainer.checkpoint_callback
         where = Path(ck.dirpath) if ck is not None and ck.dirpath else Path(trainer.default_root_dir) / "checkpoints"
         path = where / "last.ckpt"
@@ -84,3 +89,15 @@ class GracefulStop(Callback):
     def exit_code(self) -> int:
         """128 + the signal number, as a shell reports a process ended by that signal."""
         return 128 + int(self.signum or signal.SIGTERM)
+
+
+def _validate_again_on_resume(progress) -> None:
+    """Rewinds the fit's validation progress to "first batch started, none processed", the state Lightning (>= 2.5,
+    ``_EvaluationLoop.update_restart_stage``) reads as *restarted mid-evaluation*: on resume it skips no training and
+    runs this validation again; its ``reset_on_restart`` takes the current counters back to 0 completed, so every
+    validation batch is seen once and the epoch's metrics cover the whole validation set. The batches of this validation
+    that ran before the signal are dropped from ``total`` too (it counts the epoch's validation batches)."""
+    done = progress.current.completed
+    for tracker, base in ((progress.current, 0), (progress.total, progress.total.completed - done)):
+        tracker.ready = tracker.started = base + 1
+        tracker.processed = tracker.completed = base

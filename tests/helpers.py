@@ -52,13 +52,18 @@ class Faults(Callback):
 
 
 class SignalAt(Callback):
-    """Sends signal `name` (e.g. SIGTERM) to its own process after optimizer step `step` (deterministic stop point)."""
+    """Sends signal `name` (e.g. SIGTERM) to its own process at a deterministic point: after optimizer step `step`, or,
+    with `val_batch` >= 0, after that validation batch of the validation that follows optimizer step `step`. A resumed
+    fit (``--ckpt_path``) revisits that point: the validation signal fires in the first fit only."""
 
-    def __init__(self, step: int = 3, name: str = "SIGTERM"):
-        self.step, self.name = step, name
+    def __init__(self, step: int = 3, name: str = "SIGTERM", val_batch: int = -1):
+        self.step, self.name, self.val_batch = step, name, val_batch
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            import signal
+        if trainer.global_step == self.step and self.val_batch < 0:
+            os.kill(os.getpid(), getattr(signal, self.name))
 
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if (trainer.global_step, batch_idx) == (self.step, self.val_batch) and not trainer.sanity_checking \
+                and trainer.ckpt_path is None:
             os.kill(os.getpid(), getattr(signal, self.name))

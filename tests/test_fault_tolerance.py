@@ -177,8 +177,9 @@ def test_sigterm_after_a_deferred_nonfinite_step_keeps_the_last_good_checkpoint(
     model = CTRModel(lambda f, d, s: bb.DNN(f, d, s, hidden=[4]), field_dims=[3, 4])
     monkeypatch.setattr(CTRModel, "global_step", property(lambda self: 7))
     saved = []
-    trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), checkpoint_callback=None, default_root_dir=str(tmp_path),
-                              save_checkpoint=saved.append, is_global_zero=True, global_step=7, current_epoch=0)
+    trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), validating=False, checkpoint_callback=None,
+                              default_root_dir=str(tmp_path), save_checkpoint=saved.append, is_global_zero=True,
+                              global_step=7, current_epoch=0)
     stop = GracefulStop()
     stop.signum = signal.SIGTERM
     model._record_nonfinite(torch.tensor(float("nan")))

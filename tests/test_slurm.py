@@ -185,6 +185,42 @@ def test_sigusr1_stops_and_the_resumed_fit_continues_the_same_run(criteo_dir, tm
     assert len({m.step for m in client.get_metric_history(run.info.run_id, "val/auc")}) == 2
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_val_auc(criteo_dir, tmp_path_factory) -> dict[int, float]:
+    """val/auc by step of the same 2-epoch fit, never stopped."""
+    cwd = tmp_path_factory.mktemp("uninterrupted")
+    store = f"sqlite:///{cwd / 'm.db'}"
+    p = fit(criteo_dir, cwd, store, ["--trainer.max_epochs=2", "--trainer.limit_train_batches=6"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    client, run = only_run(store)
+    return {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/auc")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step,val_batch", [(3, -1), (6, -1), (6, 0)],
+                         ids=["mid-epoch", "after-the-epochs-last-batch", "mid-validation"])
+def test_a_stop_anywhere_in_the_epoch_resumes_and_validates_every_epoch(criteo_dir, tmp_path, step, val_batch,
+                                                                        uninterrupted_val_auc):
+    """SIGTERM mid-epoch, after the epoch's last training batch, or between validation batches (6 batches an epoch):
+    the resumed fit finishes the run with one val/auc per epoch. A stop inside validation used to leave a checkpoint
+    whose epoch Lightning counts as trained but not validated: the resumed fit skipped validation and EarlyStopping
+    then failed on the missing val/auc (CI, the SLURM preemption test). A stop after the epoch's training resumes with
+    the same weights, so its first val/auc is the uninterrupted run's: the whole validation set, each batch once."""
+    store = f"sqlite:///{tmp_path / 'm.db'}"
+    args = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=6", "--trainer.callbacks+=helpers.SignalAt",
+            f"--trainer.callbacks.init_args.step={step}", f"--trainer.callbacks.init_args.val_batch={val_batch}"]
+    p = fit(criteo_dir, tmp_path, store, args)
+    assert p.returncode == 128 + signal.SIGTERM, p.stderr[-3000:]
+    r = fit(criteo_dir, tmp_path, store, args + ["--ckpt_path=last"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    client, run = only_run(store)
+    assert run.info.status == "FINISHED" and "test/auc" in run.data.metrics
+    val = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/auc")}
+    assert sorted(val) == sorted(uninterrupted_val_auc) == [5, 11]
+    if step == 6:  # same process setup, same weights and rows: only summation order could differ, far below 1e-6
+        assert val[5] == pytest.approx(uninterrupted_val_auc[5], abs=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------- a real SLURM cluster
 def wait_until(pred, timeout: float, what: str, poll: float = 1.0):
     deadline = time.time() + timeout
