@@ -551,20 +551,21 @@ FUSED_CASES = [
 
 
 @pytest.mark.parametrize("native", [True, False])  # the native decode-mix kernel, and the torch operations
+@pytest.mark.parametrize("D,K", [(6, 3), (10, 4)])  # (10, 4): the kernel that also computes the router's gates
 @pytest.mark.parametrize("kw,sets,heads", [(kw, m, h) for kw in FUSED_CASES for m, h in [(1, 1), (2, 2), (1, 3)]
                                            if kw.get("router") != "none" or m == h])  # router=none keeps the sets
-def test_fused_block_equals_the_component_modules(kw, sets, heads, native, monkeypatch):
+def test_fused_block_equals_the_component_modules(kw, sets, heads, D, K, native, monkeypatch):
     """``RoBlock.fused_tail`` (one Gram, one batched matmul, HSIC from A^T G_c A) is the modules' map rearranged:
     same outputs, HSIC term, gradients of the input and every parameter, and running statistics, in training and in
-    eval, with the native decode-mix kernel and without. float64 so that only the summation order differs (1e-9)."""
+    eval, with the native kernels and without. float64 so that only the summation order differs (1e-9)."""
     if native and not decode_mix.available():
         pytest.skip(f"native kernel unavailable: {decode_mix.unavailable_reason()}")
-    calls = []
-    apply = decode_mix.DecodeMix.apply
-    monkeypatch.setattr(decode_mix.DecodeMix, "apply", lambda *a: calls.append(1) or apply(*a))
+    calls = {"mix": [], "query": []}
+    for fn, key in ((decode_mix.DecodeMix, "mix"), (decode_mix.DecodeMixQuery, "query")):
+        monkeypatch.setattr(fn, "apply", lambda *a, _apply=fn.apply, _key=key: calls[_key].append(1) or _apply(*a))
     torch.manual_seed(7)
-    M, B, F, D = sets, 40, 5, 6
-    fast = RoBlock(M, heads, F, D, components=3, n_power=2, native_kernel=native, **kw).double()
+    M, B, F = sets, 40, 5
+    fast = RoBlock(M, heads, F, D, components=K, n_power=2, native_kernel=native, **kw).double()
     with torch.no_grad():
         for p in fast.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -593,8 +594,10 @@ def test_fused_block_equals_the_component_modules(kw, sets, heads, native, monke
                 torch.testing.assert_close(pf.grad, ps.grad, rtol=1e-8, atol=1e-10, msg=n)
         for (n, bf), (_, bs) in zip(fast.named_buffers(), slow.named_buffers()):
             torch.testing.assert_close(bf, bs, rtol=1e-9, atol=1e-12, msg=n)
-    # the kernel served the field-local routers (once per pass) and nothing else
-    assert len(calls) == (2 if native and kw["router"] != "none" else 0)
+    # a kernel served the field-local routers (once per pass) and nothing else; the gates too at D = 10, K = 4
+    served = 2 if native and kw["router"] != "none" else 0
+    query = (D, K) == (10, 4) and kw.get("decoupler") != "none"  # decoupler none: K = 1 component
+    assert (len(calls["mix"]), len(calls["query"])) == ((0, served) if query else (served, 0))
 
 
 def _decode_mix_reference(x, A, a, g):
@@ -635,6 +638,48 @@ def test_decode_mix_kernel_equals_the_written_out_components(M, F, K, D, H, B):
              torch.randn(1, 2, 6, dtype=torch.float64, requires_grad=True),
              torch.rand(2, 2, 3, 3, dtype=torch.float64, requires_grad=True)]
     assert torch.autograd.gradcheck(decode_mix.decode_mix, small)
+
+
+def _decode_mix_query_reference(x, T, t0, U, c, A, a):
+    """The router's query, logits and softmax in torch operations, then ``_decode_mix_reference``."""
+    M, F, D, B = x.shape
+    H = U.shape[-1] // (M * A.shape[-1] // D)
+    ybar = (torch.einsum("mfde,mfdb->mfeb", T, x) + t0[..., None]).mean(0)  # (F, D, B)
+    logits = c[..., None] + torch.einsum("fdj,fdb->fjb", U, ybar)
+    return _decode_mix_reference(x, A, a, torch.softmax(logits.view(F, H, -1, B), 2))
+
+
+@pytest.mark.skipif(not decode_mix.available(), reason=f"native kernel unavailable: {decode_mix.unavailable_reason()}")
+@pytest.mark.parametrize("M,H,B,scale", [(1, 1, 37, 1.0), (2, 2, 64, 1.0), (3, 1, 5, 1.0), (1, 3, 19, 1.0),
+                                         (2, 2, 16, 40.0)])
+def test_decode_mix_query_kernel_equals_torch_gates(M, H, B, scale):
+    """The kernel that also computes the gates (D = 10, K = 4) against torch's query, logits and softmax: float64 to
+    1e-12 (its exp is a Taylor polynomial to double precision), float32 to 2e-5 relative; batches off the vector width
+    (the padded last strip); ``scale`` 40 spreads the logits over ~10^3, so softmax underflows most gates (the kernel
+    clamps exp's argument at the type's smallest normal power of two); gradients of all seven inputs; two threads."""
+    torch.manual_seed(1)
+    F, D, K = 3, 10, 4
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
+        ins = [torch.randn(M, F, D, B, dtype=dtype), 0.3 * torch.randn(M, F, D, D, dtype=dtype),
+               torch.randn(M, F, D, dtype=dtype), scale * torch.randn(F, D, H * M * K, dtype=dtype),
+               torch.randn(F, H * M * K, dtype=dtype), torch.randn(M, F, D, K * D, dtype=dtype),
+               torch.randn(M, F, K * D, dtype=dtype)]
+        ins = [t.requires_grad_() for t in ins]
+        got, ref = decode_mix.decode_mix_query(*ins), _decode_mix_query_reference(*ins)
+        torch.testing.assert_close(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
+        w = torch.randn_like(ref)
+        for u, v in zip(torch.autograd.grad((got * w).sum(), ins), torch.autograd.grad((ref * w).sum(), ins)):
+            torch.testing.assert_close(u, v, rtol=tol, atol=tol * max(1.0, v.abs().max().item()))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = decode_mix.decode_mix_query(*ins)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(two, got, rtol=1e-6, atol=1e-6)
+    if scale == 1.0 and M * H > 1:  # finite differences over every input, 3 samples
+        small = [t.detach()[..., :3] if i == 0 else t.detach() for i, t in enumerate(ins)]
+        assert torch.autograd.gradcheck(decode_mix.decode_mix_query, [t.double().requires_grad_() for t in small])
 
 
 def test_native_kernel_switched_off_or_without_a_compiler(tmp_path):

@@ -16,6 +16,15 @@ needed and writes only R in forward and dx, dA, da, dg in backward:
     dx[m, f, d, b]       = sum_{k, d'} A[m, f, d, k D + d'] dC[m, f, k, d', b]
     dA[m, f, d, k D + d'] = sum_b x[m, f, d, b] dC[m, f, k, d', b],      da[m, f, k D + d'] = sum_b dC[m, f, k, d', b]
 
+At the configs' D = 10, K = 4 a second entry point, ``decode_mix_query``, also computes the router's gates in the
+kernel, per strip of samples, from the block's rebalancing map (T, t0) and the router's query weights (U, c):
+
+    ybar[f, :, b]  = mean_m (T[m, f]^T x[m, f, :, b] + t0[m, f])
+    g[f, h, :, b]  = softmax_n(c[f, h n : (h+1) n] + U[f, :, h n : (h+1) n]^T ybar[f, :, b])        (n = M K)
+
+so neither the query, the logits nor the gates are written either (backward recomputes them and returns dT, dt0,
+dU, dc besides dx, dA, da; its exp is a Taylor polynomial after range reduction, to float32 or float64 precision).
+
 Our implementation (no source describes one). Built on first use with the system C compiler (``cc -O3
 -march=native -fopenmp``) into ``$RECSCALE_CACHE`` (default ``~/.cache/recscale``), loaded with ctypes; float32 and
 float64 CPU tensors only (the autocast path, CUDA and a machine without a compiler use the torch operations, which
@@ -262,8 +271,186 @@ int decode_mix_bwd_##SUF(const T *x, const T *A, const T *a, const T *g, const T
     return err;                                                                                                     \
 }
 
-DEFINE_STRIP(float, f32, 8)
+/* one vector register: 16 floats with AVX-512 (32 registers hold a strip's x rows, sums and accumulators), else 8 */
+#ifdef __AVX512F__
+#define VL_F32 16
+#else
+#define VL_F32 8
+#endif
+DEFINE_STRIP(float, f32, VL_F32)
 DEFINE_STRIP(double, f64, 4)
+/* The router's query, logits and softmax in front of the strips (field-local routers, D = 10, K = 4): per strip of
+   VL samples, ybar = mean_m (T_m^T x_m + t0_m), L = c + U^T ybar, g = softmax over each head's n = M K candidates, kept
+   in a per-thread buffer and fed to the strips above; backward recomputes them. */
+#define JMAX 512
+#define DEFINE_QUERY(T, SUF, IT, BIAS, MANT, EXPLO, DEG)                                                      \
+typedef IT VI_##SUF __attribute__((vector_size(sizeof(V_##SUF)), aligned(sizeof(T))));                             \
+static inline V_##SUF vsel_##SUF(VI_##SUF m, V_##SUF a, V_##SUF b) { return (V_##SUF)(((VI_##SUF)a & m) | ((VI_##SUF)b & ~m)); } \
+/* e^v for v <= 0 (logits minus their max): 2^n e^r with n = ceil(v log2(e) - 1/2), |r| <= ln(2) / 2, Taylor to DEG */ \
+static inline V_##SUF vexp_##SUF(V_##SUF v) {                                                                     \
+    const V_##SUF lo = (V_##SUF){0} + (T)(EXPLO), zero = (V_##SUF){0};                                            \
+    v = vsel_##SUF(v < lo, lo, v);                                                                                 \
+    v = vsel_##SUF(v > zero, zero, v);                                                                             \
+    const VI_##SUF ni = __builtin_convertvector(v * (T)1.4426950408889634074 - (T)0.5, VI_##SUF);                  \
+    const V_##SUF nf = __builtin_convertvector(ni, V_##SUF);                                                       \
+    const V_##SUF r = (v - nf * (T)0.693145751953125) - nf * (T)1.42860682030941723212e-6;                        \
+    V_##SUF p = (V_##SUF){0} + (T)1;                                                                               \
+    for (int i = DEG; i >= 1; i--) p = p * r * ((T)1 / (T)i) + (T)1;                                               \
+    return p * (V_##SUF)((ni + (IT)(BIAS)) << (MANT));                                                            \
+}                                                                                                                  \
+static inline __attribute__((always_inline)) void query_strip_##SUF(const T *xs, int64_t xsm, int64_t ldx,        \
+        const T *Tf, const T *tf, int64_t FDD, int64_t FD, const T *Uf, const T *cf, V_##SUF *yb, V_##SUF *G,     \
+        int64_t M, int64_t D, int64_t H, int64_t n) {                                                              \
+    const int64_t J = H * n;                                                                                       \
+    for (int64_t d = 0; d < D; d++) yb[d] = (V_##SUF){0};                                                          \
+    for (int64_t m = 0; m < M; m++) {                                                                              \
+        const T *Tm = Tf + m * FDD, *tm = tf + m * FD;                                                             \
+        V_##SUF xv[DMAX];                                                                                          \
+        for (int64_t d = 0; d < D; d++) xv[d] = ld_##SUF(xs + (m * xsm + d) * ldx);                                \
+        for (int64_t dp = 0; dp < D; dp++) {                                                                       \
+            V_##SUF y = (V_##SUF){0} + tm[dp];                                                                     \
+            for (int64_t d = 0; d < D; d++) y += Tm[d * D + dp] * xv[d];                                           \
+            yb[dp] += y;                                                                                           \
+        }                                                                                                          \
+    }                                                                                                              \
+    for (int64_t d = 0; d < D; d++) yb[d] *= (T)1 / (T)M;                                                          \
+    for (int64_t j = 0; j < J; j++) {                                                                              \
+        V_##SUF l = (V_##SUF){0} + cf[j];                                                                          \
+        for (int64_t d = 0; d < D; d++) l += Uf[d * J + j] * yb[d];                                                \
+        G[j] = l;                                                                                                  \
+    }                                                                                                              \
+    for (int64_t h = 0; h < H; h++) {                                                                              \
+        V_##SUF *Gh = G + h * n, mx = Gh[0], s = (V_##SUF){0};                                                     \
+        for (int64_t i = 1; i < n; i++) mx = vsel_##SUF(Gh[i] > mx, Gh[i], mx);                                    \
+        for (int64_t i = 0; i < n; i++) { Gh[i] = vexp_##SUF(Gh[i] - mx); s += Gh[i]; }                            \
+        const V_##SUF inv = (T)1 / s;                                                                              \
+        for (int64_t i = 0; i < n; i++) Gh[i] *= inv;                                                              \
+    }                                                                                                              \
+}                                                                                                                  \
+/* backward of the query: dg (in DG) -> dlogits, dU, dc, and dx += T_m dy, dT_m, dt0_m with dy = dybar / M */      \
+static inline __attribute__((always_inline)) void query_bwd_strip_##SUF(const T *xs, int64_t xsm, int64_t ldx,    \
+        T *dxs, const T *Tf, int64_t FDD, const T *Uf, const V_##SUF *yb, const V_##SUF *G, V_##SUF *DG,         \
+        V_##SUF *dUacc, V_##SUF *dcacc, V_##SUF *dTacc, V_##SUF *dtacc, int64_t M, int64_t D, int64_t H, int64_t n) { \
+    const int64_t J = H * n;                                                                                       \
+    for (int64_t h = 0; h < H; h++) {                                                                              \
+        V_##SUF s = (V_##SUF){0};                                                                                  \
+        for (int64_t i = 0; i < n; i++) s += G[h * n + i] * DG[h * n + i];                                         \
+        for (int64_t i = 0; i < n; i++) DG[h * n + i] = G[h * n + i] * (DG[h * n + i] - s);                        \
+    }                                                                                                              \
+    V_##SUF dy[DMAX];                                                                                              \
+    for (int64_t d = 0; d < D; d++) dy[d] = (V_##SUF){0};                                                          \
+    for (int64_t j = 0; j < J; j++) {                                                                              \
+        const V_##SUF dl = DG[j];                                                                                  \
+        dcacc[j] += dl;                                                                                            \
+        for (int64_t d = 0; d < D; d++) { dUacc[d * J + j] += yb[d] * dl; dy[d] += Uf[d * J + j] * dl; }           \
+    }                                                                                                              \
+    for (int64_t d = 0; d < D; d++) dy[d] *= (T)1 / (T)M;                                                          \
+    for (int64_t m = 0; m < M; m++) {                                                                              \
+        const T *Tm = Tf + m * FDD;                                                                                \
+        V_##SUF *dTm = dTacc + m * D * D;                                                                          \
+        for (int64_t d = 0; d < D; d++) {                                                                          \
+            const V_##SUF xv = ld_##SUF(xs + (m * xsm + d) * ldx);                                                 \
+            V_##SUF dxv = ld_##SUF(dxs + (m * xsm + d) * ldx);                                                     \
+            for (int64_t dp = 0; dp < D; dp++) { dxv += Tm[d * D + dp] * dy[dp]; dTm[d * D + dp] += xv * dy[dp]; } \
+            st_##SUF(dxs + (m * xsm + d) * ldx, dxv);                                                              \
+        }                                                                                                          \
+        for (int64_t dp = 0; dp < D; dp++) dtacc[m * D + dp] += dy[dp];                                            \
+    }                                                                                                              \
+}                                                                                                                  \
+int decode_mix_q_fwd_##SUF(const T *x, const T *Tq, const T *tq, const T *U, const T *c, const T *A, const T *a,  \
+                           T *R, int64_t M, int64_t F, int64_t K, int64_t D, int64_t H, int64_t B, int nthreads) {  \
+    const int64_t VL = sizeof(V_##SUF) / sizeof(T), KD = K * D, n = M * K, J = H * n, full = B / VL * VL;                                          \
+    if (D != 10 || K != 4 || H > HMAX || J > JMAX) return 2;                                                       \
+    int err = 0;                                                                                                   \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                                             \
+    for (int64_t f = 0; f < F; f++) {                                                                              \
+        const T *Af = A + f * D * KD, *af = a + f * KD, *xf = x + f * D * B, *Tf = Tq + f * D * D, *tf = tq + f * D; \
+        const T *Uf = U + f * D * J, *cf = c + f * J;                                                              \
+        T *Rf = R + f * H * D * B;                                                                                 \
+        V_##SUF *G = (V_##SUF *)aligned_alloc(64, ((J + DMAX) * sizeof(V_##SUF) + 63) / 64 * 64);                  \
+        if (!G) { err = 1; continue; }                                                                             \
+        V_##SUF *yb = G + J;                                                                                       \
+        for (int64_t b0 = 0; b0 < full; b0 += VL) {                                                                \
+            query_strip_##SUF(xf + b0, F * D, B, Tf, tf, F * D * D, F * D, Uf, cf, yb, G, M, 10, H, n);           \
+            fwd_strip_##SUF(xf + b0, F * D, B, Af, af, F * D * KD, F * KD, (const T *)G, VL, Rf + b0, B, M, 4, 10, H); \
+        }                                                                                                          \
+        if (full < B) {                                                                                            \
+            const int64_t r = B - full;                                                                            \
+            T *buf = (T *)calloc((M * D + H * D) * VL, sizeof(T));                                                 \
+            if (!buf) { err = 1; free(G); continue; }                                                              \
+            T *xb = buf, *Rb = buf + M * D * VL;                                                                   \
+            for (int64_t i = 0; i < M * D; i++)                                                                    \
+                memcpy(xb + i * VL, xf + ((i / D) * F * D + i % D) * B + full, r * sizeof(T));                     \
+            query_strip_##SUF(xb, D, VL, Tf, tf, F * D * D, F * D, Uf, cf, yb, G, M, 10, H, n);                   \
+            fwd_strip_##SUF(xb, D, VL, Af, af, F * D * KD, F * KD, (const T *)G, VL, Rb, VL, M, 4, 10, H);          \
+            for (int64_t i = 0; i < H * D; i++) memcpy(Rf + i * B + full, Rb + i * VL, r * sizeof(T));             \
+            free(buf);                                                                                             \
+        }                                                                                                          \
+        free(G);                                                                                                   \
+    }                                                                                                              \
+    return err;                                                                                                    \
+}                                                                                                                  \
+int decode_mix_q_bwd_##SUF(const T *x, const T *Tq, const T *tq, const T *U, const T *c, const T *A, const T *a,  \
+                           const T *dR, T *dx, T *dT, T *dt, T *dU, T *dc, T *dA, T *da, int64_t M, int64_t F,       \
+                           int64_t K, int64_t D, int64_t H, int64_t B, int nthreads) {                              \
+    const int64_t VL = sizeof(V_##SUF) / sizeof(T), KD = K * D, n = M * K, J = H * n, full = B / VL * VL;                                          \
+    if (D != 10 || K != 4 || H > HMAX || J > JMAX) return 2;                                                       \
+    const int64_t nacc = M * KD + M * D * KD + J + D * J + M * D * D + M * D, nbuf = 2 * J + DMAX;                 \
+    int err = 0;                                                                                                   \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                                             \
+    for (int64_t f = 0; f < F; f++) {                                                                              \
+        const T *Af = A + f * D * KD, *af = a + f * KD, *xf = x + f * D * B, *Tf = Tq + f * D * D, *tf = tq + f * D; \
+        const T *Uf = U + f * D * J, *cf = c + f * J, *dRf = dR + f * H * D * B;                                    \
+        T *dxf = dx + f * D * B;                                                                                   \
+        V_##SUF *acc = (V_##SUF *)aligned_alloc(64, ((nacc + nbuf) * sizeof(V_##SUF) + 63) / 64 * 64);             \
+        if (!acc) { err = 1; continue; }                                                                           \
+        memset(acc, 0, nacc * sizeof(V_##SUF));                                                                    \
+        V_##SUF *daacc = acc, *dAacc = daacc + M * KD, *dcacc = dAacc + M * D * KD, *dUacc = dcacc + J;            \
+        V_##SUF *dTacc = dUacc + D * J, *dtacc = dTacc + M * D * D, *G = dtacc + M * D, *DG = G + J, *yb = DG + J; \
+        for (int64_t b0 = 0; b0 < full; b0 += VL) {                                                                \
+            query_strip_##SUF(xf + b0, F * D, B, Tf, tf, F * D * D, F * D, Uf, cf, yb, G, M, 10, H, n);           \
+            bwd_strip_##SUF(xf + b0, F * D, B, Af, af, F * D * KD, F * KD, (const T *)G, VL, dRf + b0, B, dxf + b0,\
+                            (T *)DG, daacc, dAacc, M, 4, 10, H);                                                   \
+            query_bwd_strip_##SUF(xf + b0, F * D, B, dxf + b0, Tf, F * D * D, Uf, yb, G, DG, dUacc, dcacc, dTacc, \
+                                  dtacc, M, 10, H, n);                                                             \
+        }                                                                                                          \
+        if (full < B) {  /* zero-padded: the padded lanes have dR = 0, so they add nothing to the sums */         \
+            const int64_t r = B - full;                                                                            \
+            T *buf = (T *)calloc((2 * M * D + H * D) * VL, sizeof(T));                                             \
+            if (!buf) { err = 1; free(acc); continue; }                                                            \
+            T *xb = buf, *dRb = xb + M * D * VL, *dxb = dRb + H * D * VL;                                          \
+            for (int64_t i = 0; i < M * D; i++)                                                                    \
+                memcpy(xb + i * VL, xf + ((i / D) * F * D + i % D) * B + full, r * sizeof(T));                     \
+            for (int64_t i = 0; i < H * D; i++) memcpy(dRb + i * VL, dRf + i * B + full, r * sizeof(T));           \
+            query_strip_##SUF(xb, D, VL, Tf, tf, F * D * D, F * D, Uf, cf, yb, G, M, 10, H, n);                   \
+            bwd_strip_##SUF(xb, D, VL, Af, af, F * D * KD, F * KD, (const T *)G, VL, dRb, VL, dxb, (T *)DG, daacc, \
+                            dAacc, M, 4, 10, H);                                                                   \
+            query_bwd_strip_##SUF(xb, D, VL, dxb, Tf, F * D * D, Uf, yb, G, DG, dUacc, dcacc, dTacc, dtacc, M, 10, \
+                                  H, n);                                                                           \
+            for (int64_t i = 0; i < M * D; i++)                                                                    \
+                memcpy(dxf + ((i / D) * F * D + i % D) * B + full, dxb + i * VL, r * sizeof(T));                   \
+            free(buf);                                                                                             \
+        }                                                                                                          \
+        for (int64_t m = 0; m < M; m++) {                                                                          \
+            for (int64_t j = 0; j < KD; j++) {                                                                     \
+                da[(m * F + f) * KD + j] = hsum_##SUF(daacc[m * KD + j]);                                          \
+                for (int64_t d = 0; d < D; d++)                                                                    \
+                    dA[((m * F + f) * D + d) * KD + j] = hsum_##SUF(dAacc[(m * D + d) * KD + j]);                 \
+            }                                                                                                      \
+            for (int64_t d = 0; d < D * D; d++) dT[(m * F + f) * D * D + d] = hsum_##SUF(dTacc[m * D * D + d]);   \
+            for (int64_t d = 0; d < D; d++) dt[(m * F + f) * D + d] = hsum_##SUF(dtacc[m * D + d]);               \
+        }                                                                                                          \
+        for (int64_t j = 0; j < J; j++) {                                                                          \
+            dc[f * J + j] = hsum_##SUF(dcacc[j]);                                                                  \
+            for (int64_t d = 0; d < D; d++) dU[(f * D + d) * J + j] = hsum_##SUF(dUacc[d * J + j]);               \
+        }                                                                                                          \
+        free(acc);                                                                                                 \
+    }                                                                                                              \
+    return err;                                                                                                    \
+}
+
+DEFINE_QUERY(float, f32, int32_t, 127, 23, -87.0, 7)
+DEFINE_QUERY(double, f64, int64_t, 1023, 52, -708.0, 13)
 """
 
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
@@ -296,6 +483,8 @@ def _build() -> ctypes.CDLL:
     for suf in ("f32", "f64"):
         getattr(lib, f"decode_mix_fwd_{suf}").argtypes = [ptr] * 5 + [i64] * 6 + [cint]
         getattr(lib, f"decode_mix_bwd_{suf}").argtypes = [ptr] * 9 + [i64] * 6 + [cint]
+        getattr(lib, f"decode_mix_q_fwd_{suf}").argtypes = [ptr] * 8 + [i64] * 6 + [cint]
+        getattr(lib, f"decode_mix_q_bwd_{suf}").argtypes = [ptr] * 15 + [i64] * 6 + [cint]
     return lib
 
 
@@ -368,3 +557,50 @@ def decode_mix(x: Tensor, A: Tensor, a: Tensor, g: Tensor) -> Tensor:
     if not available():
         raise RuntimeError(f"the native decode-mix kernel is unavailable: {_why}")
     return DecodeMix.apply(x, A, a, g)
+
+
+class DecodeMixQuery(torch.autograd.Function):
+    """``R = decode_mix_query(x, T, t0, U, c, A, a)``: ``decode_mix`` with the router's gates computed in the kernel,
+    ``g[f, h, :, b] = softmax_n(c[f, h n : (h+1) n] + U[f, :, h n : (h+1) n]^T ybar[f, :, b])``, ``ybar = mean_m
+    (T[m, f]^T x[m, f] + t0[m, f])``: x (M, F, D, B), T (M, F, D, D), t0 (M, F, D), U (F, D, H n), c (F, H n),
+    A (M, F, D, K D), a (M, F, K D) -> R (F, H, D, B). Neither the gates nor the components are written; backward
+    recomputes both per strip of samples. D = 10, K = 4 only (``query_applies``)."""
+
+    @staticmethod
+    def forward(ctx, x, T, t0, U, c, A, a):
+        x, T, t0, U, c, A, a = (t.contiguous() for t in (x, T, t0, U, c, A, a))
+        M, F, D, B = x.shape
+        K, H = A.shape[-1] // D, U.shape[-1] // (M * A.shape[-1] // D)
+        R = torch.empty((F, H, D, B), dtype=x.dtype)
+        suf = "f32" if x.dtype == torch.float32 else "f64"
+        if getattr(_lib, f"decode_mix_q_fwd_{suf}")(*map(_p, (x, T, t0, U, c, A, a, R)), M, F, K, D, H, B,
+                                                    torch.get_num_threads()):
+            raise MemoryError("decode_mix: out of memory for a per-field buffer")
+        ctx.save_for_backward(x, T, t0, U, c, A, a)
+        return R
+
+    @staticmethod
+    def backward(ctx, dR):
+        x, T, t0, U, c, A, a = ctx.saved_tensors
+        dR = dR.contiguous().to(x.dtype)
+        M, F, D, B = x.shape
+        K, H = A.shape[-1] // D, dR.shape[1]
+        grads = [torch.empty_like(t) for t in (x, T, t0, U, c, A, a)]
+        suf = "f32" if x.dtype == torch.float32 else "f64"
+        if getattr(_lib, f"decode_mix_q_bwd_{suf}")(*map(_p, (x, T, t0, U, c, A, a, dR, *grads)), M, F, K, D, H, B,
+                                                    torch.get_num_threads()):
+            raise MemoryError("decode_mix: out of memory for a per-field buffer")
+        return tuple(grads)
+
+
+def query_applies(x: Tensor, A: Tensor, heads: int) -> bool:
+    """Whether ``decode_mix_query`` serves these sizes: the strip kernel's D = 10, K = 4, and at most 512 gates per
+    sample and field."""
+    M, F, D, B = x.shape
+    return D == 10 and A.shape[-1] == 4 * D and heads <= 64 and heads * M * 4 <= 512
+
+
+def decode_mix_query(x: Tensor, T: Tensor, t0: Tensor, U: Tensor, c: Tensor, A: Tensor, a: Tensor) -> Tensor:
+    if not available():
+        raise RuntimeError(f"the native decode-mix kernel is unavailable: {_why}")
+    return DecodeMixQuery.apply(x, T, t0, U, c, A, a)

@@ -531,9 +531,14 @@ class FieldRouter(nn.Module):
         H, n = self.heads, self.n
         cpar, U = self._params()
         logits = torch.baddbmm(cpar.unsqueeze(-1), U.transpose(1, 2), yt)  # (F, H n, B)
-        R = mix(torch.softmax(logits.view(F, H, n, B), 2))  # (F, H, D, B), candidates n = m K + k
+        return self.combine_batchlast(mix(torch.softmax(logits.view(F, H, n, B), 2)))  # candidates n = m K + k
+
+    def combine_batchlast(self, R: Tensor) -> Tensor:
+        """The field-local mixtures ``R`` (F, H, D, B) -> the regenerated sets (M', F, D, B): as they are for
+        ``within_field``, mixed across fields by Omega for ``factorized``."""
         if self.variant == "within_field":
             return R.transpose(0, 1)
+        F, H, D, B = R.shape
         out = torch.matmul(self.field_mix(), R.transpose(0, 1).reshape(H, F, D * B))  # (H, F, D B)
         return out.view(H, F, D, B)
 
@@ -788,6 +793,10 @@ class RoBlock(nn.Module):
             Am = A.reshape(M * F, D, K, D).mean(2).transpose(1, 2)
             et = torch.baddbmm(a.reshape(M * F, K, D).mean(1).unsqueeze(-1), Am, x2)
             return et.view(M, F, D, B), h
+        if self.native and decode_mix.applies(xt, A, a, T, t0) and decode_mix.query_applies(xt, A, self.heads):
+            cpar, U = self.router._params()  # query, gates and components inside the kernel, none of them written
+            R = decode_mix.decode_mix_query(xt, T.expand(M, F, D, D), t0.expand(M, F, D), U, cpar, A, a)
+            return self.router.combine_batchlast(R), h
         yt = torch.baddbmm(t0.reshape(M * F, D, 1), T.reshape(M * F, D, D).transpose(1, 2), x2)
         ybar = yt.view(M, F, D, B).mean(0) if M > 1 else yt.view(F, D, B)
         if self.native and decode_mix.applies(xt, A, a):  # the components are never written (decode_mix.py)
