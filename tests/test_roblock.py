@@ -641,7 +641,7 @@ def test_decode_mix_kernel_equals_the_written_out_components(M, F, K, D, H, B):
 
 
 def _decode_mix_query_reference(x, T, t0, U, c, A, a):
-    """The router's query, logits and softmax in torch operations, then ``_decode_mix_reference``."""
+    """The router's query, logits and softmax in torch operations, then ``_decode_mix_reference`` (F, H, D, B)."""
     M, F, D, B = x.shape
     H = U.shape[-1] // (M * A.shape[-1] // D)
     ybar = (torch.einsum("mfde,mfdb->mfeb", T, x) + t0[..., None]).mean(0)  # (F, D, B)
@@ -665,7 +665,7 @@ def test_decode_mix_query_kernel_equals_torch_gates(M, H, B, scale):
                torch.randn(F, H * M * K, dtype=dtype), torch.randn(M, F, D, K * D, dtype=dtype),
                torch.randn(M, F, K * D, dtype=dtype)]
         ins = [t.requires_grad_() for t in ins]
-        got, ref = decode_mix.decode_mix_query(*ins), _decode_mix_query_reference(*ins)
+        got, ref = decode_mix.decode_mix_query(*ins), _decode_mix_query_reference(*ins).transpose(0, 1)  # head-major
         torch.testing.assert_close(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
         w = torch.randn_like(ref)
         for u, v in zip(torch.autograd.grad((got * w).sum(), ins), torch.autograd.grad((ref * w).sum(), ins)):

@@ -150,9 +150,9 @@ typedef T V_##SUF __attribute__((vector_size(VL * sizeof(T)), aligned(sizeof(T))
 static inline V_##SUF ld_##SUF(const T *p) { return *(const V_##SUF *)p; }                                         \
 static inline void st_##SUF(T *p, V_##SUF v) { *(V_##SUF *)p = v; }                                                 \
 static inline T hsum_##SUF(V_##SUF v) { T s = 0; for (int i = 0; i < VL; i++) s += v[i]; return s; }                \
-/* one strip of VL columns; x(m, d) = xs + (m xsm + d) ldx, g(h, i) = gs + (h n + i) ldg, R(h, dp) = Rs + (h D + dp) ldr */ \
+/* one strip of VL columns; x(m, d) = xs + (m xsm + d) ldx, g(h, i) = gs + (h n + i) ldg, R(h, dp) = Rs + h ldh + dp ldr */ \
 static inline __attribute__((always_inline)) void fwd_strip_##SUF(const T *xs, int64_t xsm, int64_t ldx, const T *Af, const T *af, int64_t FDKD, int64_t FKD,\
-                            const T *gs, int64_t ldg, T *Rs, int64_t ldr, int64_t M, int64_t K, int64_t D, int64_t H) {\
+                            const T *gs, int64_t ldg, T *Rs, int64_t ldh, int64_t ldr, int64_t M, int64_t K, int64_t D, int64_t H) {\
     const int64_t KD = K * D, n = M * K;                                                                            \
     for (int64_t dp = 0; dp < D; dp++) {                                                                            \
         V_##SUF acc[HMAX];                                                                                          \
@@ -168,11 +168,11 @@ static inline __attribute__((always_inline)) void fwd_strip_##SUF(const T *xs, i
                 for (int64_t h = 0; h < H; h++) acc[h] += ld_##SUF(gs + (h * n + m * K + k) * ldg) * c;            \
             }                                                                                                       \
         }                                                                                                           \
-        for (int64_t h = 0; h < H; h++) st_##SUF(Rs + (h * D + dp) * ldr, acc[h]);                                 \
+        for (int64_t h = 0; h < H; h++) st_##SUF(Rs + h * ldh + dp * ldr, acc[h]);                                 \
     }                                                                                                               \
 }                                                                                                                   \
 static inline __attribute__((always_inline)) void bwd_strip_##SUF(const T *xs, int64_t xsm, int64_t ldx, const T *Af, const T *af, int64_t FDKD,          \
-                            int64_t FKD, const T *gs, int64_t ldg, const T *dRs, int64_t ldr, T *dxs, T *dgs,       \
+                            int64_t FKD, const T *gs, int64_t ldg, const T *dRs, int64_t ldh, int64_t ldr, T *dxs, T *dgs,       \
                             V_##SUF *daacc, V_##SUF *dAacc, int64_t M, int64_t K, int64_t D, int64_t H) {           \
     const int64_t KD = K * D, n = M * K;                                                                            \
     for (int64_t m = 0; m < M; m++) {                                                                               \
@@ -188,7 +188,7 @@ static inline __attribute__((always_inline)) void bwd_strip_##SUF(const T *xs, i
                 for (int64_t d = 0; d < D; d++) c += Am[d * KD + j] * xv[d];                                        \
                 V_##SUF dc = (V_##SUF){0};                                                                          \
                 for (int64_t h = 0; h < H; h++) {                                                                   \
-                    const V_##SUF dr = ld_##SUF(dRs + (h * D + dp) * ldr);                                          \
+                    const V_##SUF dr = ld_##SUF(dRs + h * ldh + dp * ldr);                                          \
                     dc += ld_##SUF(gs + (h * n + m * K + k) * ldg) * dr;                                            \
                     dgv[h] += dr * c;                                                                               \
                 }                                                                                                   \
@@ -211,7 +211,7 @@ int decode_mix_fwd_##SUF(const T *x, const T *A, const T *a, const T *g, T *R, i
         const T *Af = A + f * D * KD, *af = a + f * KD, *xf = x + f * D * B, *gf = g + f * H * n * B;               \
         T *Rf = R + f * H * D * B;                                                                                  \
         for (int64_t b0 = 0; b0 < full; b0 += VL)  /* D = 10, K = 4 as constants: x in registers */              \
-            fwd_strip_##SUF(xf + b0, F * D, B, Af, af, F * D * KD, F * KD, gf + b0, B, Rf + b0, B, M, 4, 10, H);   \
+            fwd_strip_##SUF(xf + b0, F * D, B, Af, af, F * D * KD, F * KD, gf + b0, B, Rf + b0, D * B, B, M, 4, 10, H);   \
         if (full < B) {  /* the last columns, zero-padded to one vector */                                          \
             const int64_t r = B - full;                                                                             \
             T *buf = (T *)calloc((M * D + H * n + H * D) * VL, sizeof(T));                                          \
@@ -220,7 +220,7 @@ int decode_mix_fwd_##SUF(const T *x, const T *A, const T *a, const T *g, T *R, i
             for (int64_t i = 0; i < M * D; i++)                                                                     \
                 memcpy(xb + i * VL, xf + ((i / D) * F * D + i % D) * B + full, r * sizeof(T));                      \
             for (int64_t i = 0; i < H * n; i++) memcpy(gb + i * VL, gf + i * B + full, r * sizeof(T));              \
-            fwd_strip_##SUF(xb, D, VL, Af, af, F * D * KD, F * KD, gb, VL, Rb, VL, M, 4, 10, H);                     \
+            fwd_strip_##SUF(xb, D, VL, Af, af, F * D * KD, F * KD, gb, VL, Rb, D * VL, VL, M, 4, 10, H);                     \
             for (int64_t i = 0; i < H * D; i++) memcpy(Rf + i * B + full, Rb + i * VL, r * sizeof(T));              \
             free(buf);                                                                                              \
         }                                                                                                           \
@@ -243,7 +243,7 @@ int decode_mix_bwd_##SUF(const T *x, const T *A, const T *a, const T *g, const T
         memset(acc, 0, (M * KD + M * D * KD) * sizeof(V_##SUF));                                                    \
         V_##SUF *daacc = acc, *dAacc = acc + M * KD;                                                                \
         for (int64_t b0 = 0; b0 < full; b0 += VL)                                                                   \
-            bwd_strip_##SUF(xf + b0, F * D, B, Af, af, F * D * KD, F * KD, gf + b0, B, dRf + b0, B, dxf + b0,      \
+            bwd_strip_##SUF(xf + b0, F * D, B, Af, af, F * D * KD, F * KD, gf + b0, B, dRf + b0, D * B, B, dxf + b0,      \
                             dgf + b0, daacc, dAacc, M, 4, 10, H);                                                   \
         if (full < B) {                                                                                             \
             const int64_t r = B - full;                                                                             \
@@ -254,7 +254,7 @@ int decode_mix_bwd_##SUF(const T *x, const T *A, const T *a, const T *g, const T
                 memcpy(xb + i * VL, xf + ((i / D) * F * D + i % D) * B + full, r * sizeof(T));                      \
             for (int64_t i = 0; i < H * n; i++) memcpy(gb + i * VL, gf + i * B + full, r * sizeof(T));              \
             for (int64_t i = 0; i < H * D; i++) memcpy(dRb + i * VL, dRf + i * B + full, r * sizeof(T));            \
-            bwd_strip_##SUF(xb, D, VL, Af, af, F * D * KD, F * KD, gb, VL, dRb, VL, dxb, dgb, daacc, dAacc, M, 4, 10, H); \
+            bwd_strip_##SUF(xb, D, VL, Af, af, F * D * KD, F * KD, gb, VL, dRb, D * VL, VL, dxb, dgb, daacc, dAacc, M, 4, 10, H); \
             for (int64_t i = 0; i < M * D; i++)                                                                     \
                 memcpy(dxf + ((i / D) * F * D + i % D) * B + full, dxb + i * VL, r * sizeof(T));                    \
             for (int64_t i = 0; i < H * n; i++) memcpy(dgf + i * B + full, dgb + i * VL, r * sizeof(T));            \
@@ -366,13 +366,13 @@ int decode_mix_q_fwd_##SUF(const T *x, const T *Tq, const T *tq, const T *U, con
     for (int64_t f = 0; f < F; f++) {                                                                              \
         const T *Af = A + f * D * KD, *af = a + f * KD, *xf = x + f * D * B, *Tf = Tq + f * D * D, *tf = tq + f * D; \
         const T *Uf = U + f * D * J, *cf = c + f * J;                                                              \
-        T *Rf = R + f * H * D * B;                                                                                 \
+        T *Rf = R + f * D * B;  /* R (H, F, D, B): head-major */                                           \
         V_##SUF *G = (V_##SUF *)aligned_alloc(64, ((J + DMAX) * sizeof(V_##SUF) + 63) / 64 * 64);                  \
         if (!G) { err = 1; continue; }                                                                             \
         V_##SUF *yb = G + J;                                                                                       \
         for (int64_t b0 = 0; b0 < full; b0 += VL) {                                                                \
             query_strip_##SUF(xf + b0, F * D, B, Tf, tf, F * D * D, F * D, Uf, cf, yb, G, M, 10, H, n);           \
-            fwd_strip_##SUF(xf + b0, F * D, B, Af, af, F * D * KD, F * KD, (const T *)G, VL, Rf + b0, B, M, 4, 10, H); \
+            fwd_strip_##SUF(xf + b0, F * D, B, Af, af, F * D * KD, F * KD, (const T *)G, VL, Rf + b0, F * D * B, B, M, 4, 10, H); \
         }                                                                                                          \
         if (full < B) {                                                                                            \
             const int64_t r = B - full;                                                                            \
@@ -382,8 +382,9 @@ int decode_mix_q_fwd_##SUF(const T *x, const T *Tq, const T *tq, const T *U, con
             for (int64_t i = 0; i < M * D; i++)                                                                    \
                 memcpy(xb + i * VL, xf + ((i / D) * F * D + i % D) * B + full, r * sizeof(T));                     \
             query_strip_##SUF(xb, D, VL, Tf, tf, F * D * D, F * D, Uf, cf, yb, G, M, 10, H, n);                   \
-            fwd_strip_##SUF(xb, D, VL, Af, af, F * D * KD, F * KD, (const T *)G, VL, Rb, VL, M, 4, 10, H);          \
-            for (int64_t i = 0; i < H * D; i++) memcpy(Rf + i * B + full, Rb + i * VL, r * sizeof(T));             \
+            fwd_strip_##SUF(xb, D, VL, Af, af, F * D * KD, F * KD, (const T *)G, VL, Rb, D * VL, VL, M, 4, 10, H);          \
+            for (int64_t i = 0; i < H * D; i++)                                                                    \
+                memcpy(Rf + (i / D) * F * D * B + (i % D) * B + full, Rb + i * VL, r * sizeof(T));                 \
             free(buf);                                                                                             \
         }                                                                                                          \
         free(G);                                                                                                   \
@@ -400,7 +401,7 @@ int decode_mix_q_bwd_##SUF(const T *x, const T *Tq, const T *tq, const T *U, con
     _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                                             \
     for (int64_t f = 0; f < F; f++) {                                                                              \
         const T *Af = A + f * D * KD, *af = a + f * KD, *xf = x + f * D * B, *Tf = Tq + f * D * D, *tf = tq + f * D; \
-        const T *Uf = U + f * D * J, *cf = c + f * J, *dRf = dR + f * H * D * B;                                    \
+        const T *Uf = U + f * D * J, *cf = c + f * J, *dRf = dR + f * D * B;                                    \
         T *dxf = dx + f * D * B;                                                                                   \
         V_##SUF *acc = (V_##SUF *)aligned_alloc(64, ((nacc + nbuf) * sizeof(V_##SUF) + 63) / 64 * 64);             \
         if (!acc) { err = 1; continue; }                                                                           \
@@ -409,7 +410,7 @@ int decode_mix_q_bwd_##SUF(const T *x, const T *Tq, const T *tq, const T *U, con
         V_##SUF *dTacc = dUacc + D * J, *dtacc = dTacc + M * D * D, *G = dtacc + M * D, *DG = G + J, *yb = DG + J; \
         for (int64_t b0 = 0; b0 < full; b0 += VL) {                                                                \
             query_strip_##SUF(xf + b0, F * D, B, Tf, tf, F * D * D, F * D, Uf, cf, yb, G, M, 10, H, n);           \
-            bwd_strip_##SUF(xf + b0, F * D, B, Af, af, F * D * KD, F * KD, (const T *)G, VL, dRf + b0, B, dxf + b0,\
+            bwd_strip_##SUF(xf + b0, F * D, B, Af, af, F * D * KD, F * KD, (const T *)G, VL, dRf + b0, F * D * B, B, dxf + b0,\
                             (T *)DG, daacc, dAacc, M, 4, 10, H);                                                   \
             query_bwd_strip_##SUF(xf + b0, F * D, B, dxf + b0, Tf, F * D * D, Uf, yb, G, DG, dUacc, dcacc, dTacc, \
                                   dtacc, M, 10, H, n);                                                             \
@@ -421,9 +422,10 @@ int decode_mix_q_bwd_##SUF(const T *x, const T *Tq, const T *tq, const T *U, con
             T *xb = buf, *dRb = xb + M * D * VL, *dxb = dRb + H * D * VL;                                          \
             for (int64_t i = 0; i < M * D; i++)                                                                    \
                 memcpy(xb + i * VL, xf + ((i / D) * F * D + i % D) * B + full, r * sizeof(T));                     \
-            for (int64_t i = 0; i < H * D; i++) memcpy(dRb + i * VL, dRf + i * B + full, r * sizeof(T));           \
+            for (int64_t i = 0; i < H * D; i++)                                                                    \
+                memcpy(dRb + i * VL, dRf + (i / D) * F * D * B + (i % D) * B + full, r * sizeof(T));               \
             query_strip_##SUF(xb, D, VL, Tf, tf, F * D * D, F * D, Uf, cf, yb, G, M, 10, H, n);                   \
-            bwd_strip_##SUF(xb, D, VL, Af, af, F * D * KD, F * KD, (const T *)G, VL, dRb, VL, dxb, (T *)DG, daacc, \
+            bwd_strip_##SUF(xb, D, VL, Af, af, F * D * KD, F * KD, (const T *)G, VL, dRb, D * VL, VL, dxb, (T *)DG, daacc, \
                             dAacc, M, 4, 10, H);                                                                   \
             query_bwd_strip_##SUF(xb, D, VL, dxb, Tf, F * D * D, Uf, yb, G, DG, dUacc, dcacc, dTacc, dtacc, M, 10, \
                                   H, n);                                                                           \
@@ -563,15 +565,16 @@ class DecodeMixQuery(torch.autograd.Function):
     """``R = decode_mix_query(x, T, t0, U, c, A, a)``: ``decode_mix`` with the router's gates computed in the kernel,
     ``g[f, h, :, b] = softmax_n(c[f, h n : (h+1) n] + U[f, :, h n : (h+1) n]^T ybar[f, :, b])``, ``ybar = mean_m
     (T[m, f]^T x[m, f] + t0[m, f])``: x (M, F, D, B), T (M, F, D, D), t0 (M, F, D), U (F, D, H n), c (F, H n),
-    A (M, F, D, K D), a (M, F, K D) -> R (F, H, D, B). Neither the gates nor the components are written; backward
-    recomputes both per strip of samples. D = 10, K = 4 only (``query_applies``)."""
+    A (M, F, D, K D), a (M, F, K D) -> R (H, F, D, B), head-major (the layout the router's output takes). Neither the
+    gates nor the components are written; backward recomputes both per strip of samples. D = 10, K = 4 only
+    (``query_applies``)."""
 
     @staticmethod
     def forward(ctx, x, T, t0, U, c, A, a):
         x, T, t0, U, c, A, a = (t.contiguous() for t in (x, T, t0, U, c, A, a))
         M, F, D, B = x.shape
         K, H = A.shape[-1] // D, U.shape[-1] // (M * A.shape[-1] // D)
-        R = torch.empty((F, H, D, B), dtype=x.dtype)
+        R = torch.empty((H, F, D, B), dtype=x.dtype)
         suf = "f32" if x.dtype == torch.float32 else "f64"
         if getattr(_lib, f"decode_mix_q_fwd_{suf}")(*map(_p, (x, T, t0, U, c, A, a, R)), M, F, K, D, H, B,
                                                     torch.get_num_threads()):
@@ -584,7 +587,7 @@ class DecodeMixQuery(torch.autograd.Function):
         x, T, t0, U, c, A, a = ctx.saved_tensors
         dR = dR.contiguous().to(x.dtype)
         M, F, D, B = x.shape
-        K, H = A.shape[-1] // D, dR.shape[1]
+        K, H = A.shape[-1] // D, dR.shape[0]
         grads = [torch.empty_like(t) for t in (x, T, t0, U, c, A, a)]
         suf = "f32" if x.dtype == torch.float32 else "f64"
         if getattr(_lib, f"decode_mix_q_bwd_{suf}")(*map(_p, (x, T, t0, U, c, A, a, dR, *grads)), M, F, K, D, H, B,

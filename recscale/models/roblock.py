@@ -531,16 +531,16 @@ class FieldRouter(nn.Module):
         H, n = self.heads, self.n
         cpar, U = self._params()
         logits = torch.baddbmm(cpar.unsqueeze(-1), U.transpose(1, 2), yt)  # (F, H n, B)
-        return self.combine_batchlast(mix(torch.softmax(logits.view(F, H, n, B), 2)))  # candidates n = m K + k
+        R = mix(torch.softmax(logits.view(F, H, n, B), 2))  # (F, H, D, B), candidates n = m K + k
+        return self.combine_batchlast(R.view(H, F, D, B) if H == 1 else R.transpose(0, 1))
 
     def combine_batchlast(self, R: Tensor) -> Tensor:
-        """The field-local mixtures ``R`` (F, H, D, B) -> the regenerated sets (M', F, D, B): as they are for
+        """The field-local mixtures ``R`` (H, F, D, B) -> the regenerated sets (M' = H, F, D, B): as they are for
         ``within_field``, mixed across fields by Omega for ``factorized``."""
         if self.variant == "within_field":
-            return R.transpose(0, 1)
-        F, H, D, B = R.shape
-        out = torch.matmul(self.field_mix(), R.transpose(0, 1).reshape(H, F, D * B))  # (H, F, D B)
-        return out.view(H, F, D, B)
+            return R
+        H, F, D, B = R.shape
+        return torch.matmul(self.field_mix(), R.reshape(H, F, D * B)).view(H, F, D, B)
 
 
 class _LocalMix(torch.autograd.Function):
@@ -836,6 +836,21 @@ class RoBlock(nn.Module):
 
 
 # ------------------------------------------------------------------------------------- the backbone
+class _BatchFirst(torch.autograd.Function):
+    """The batch-last stack's output (M, F, D, B) as a contiguous (M, B, F, D) tensor (the copy the head's flatten
+    would make anyway), whose backward hands the stack a contiguous batch-last gradient: the permuted view of the
+    head's gradient would otherwise run down the residual path and make every elementwise pass of the stack's
+    backward strided."""
+
+    @staticmethod
+    def forward(ctx, xt: Tensor) -> Tensor:
+        return xt.permute(0, 3, 1, 2).contiguous()
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        return g.permute(0, 2, 3, 1).contiguous()
+
+
 class RoBlockNet(nn.Module):
     """A stack of L RoBlocks on the field embeddings, then the project's head (ROBLOCK.md Secs. 2.5, 2.6).
 
@@ -942,6 +957,8 @@ class RoBlockNet(nn.Module):
             if self.x0_source == "regenerated":
                 x0 = x
             outs.append(x.permute(0, 3, 1, 2) if batch_last else x)
+        if batch_last:
+            outs[-1] = _BatchFirst.apply(x)
         return outs
 
     def hsic_total(self) -> Tensor | None:
