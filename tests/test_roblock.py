@@ -17,6 +17,7 @@ from recscale.models import DHEN, DCNv2, RoBlockNet, XDeepFM, decode_mix
 from recscale.models.backbones import ConfigError
 from recscale.models.dhen import DHENLayer
 from recscale.models.hsic import (
+    centered_gram_rows_last,
     gaussian_gram,
     rff_features,
     rff_hsic_pairs,
@@ -27,6 +28,7 @@ from recscale.models.hsic import (
 )
 from recscale.models.layers import flatten
 from recscale.models.roblock import (
+    _ScaledResidual,
     ContraNormRebalance,
     Decoupler,
     FieldRouter,
@@ -123,6 +125,40 @@ def test_linear_hsic_trace_form_equals_cross_covariance_form():
     cka = linear_hsic_pairs(c)
     self_h = hsic_biased(grams, grams)
     torch.testing.assert_close(cka, trace / (self_h[:, i] * self_h[:, j]).sqrt(), rtol=1e-10, atol=0)
+
+
+def test_centered_gram_and_its_one_matmul_backward_equal_autograd():
+    """``centered_gram_rows_last`` against autograd through ``x - mean`` and the matmul (float64, summation order
+    only): the Gram, the mean, and the input gradient, whose path through the mean is dropped because it is 0."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 3, 5, 40, generator=g, dtype=torch.float64) + 4.0).requires_grad_()
+    w = torch.randn(2, 3, 5, 5, generator=g, dtype=torch.float64)
+    G, mean = centered_gram_rows_last(x)
+    xr = x.detach().clone().requires_grad_()
+    xc = xr - xr.mean(-1, keepdim=True)
+    Gr = xc @ xc.transpose(-1, -2)
+    torch.testing.assert_close(G, Gr, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(mean, xr.mean(-1, keepdim=True), rtol=1e-12, atol=0)
+    assert not mean.requires_grad
+    (G * w).sum().backward(), (Gr * w).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-10, atol=1e-10)
+    small = x[:1, :1, :3, :6].detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: centered_gram_rows_last(t)[0], small)
+
+
+def test_scaled_residual_equals_autograd_with_heads_broadcast():
+    """``x + alpha e`` in one pass with the dot-product alpha gradient, x (1, ...) broadcast over 3 heads of e."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 5, 6, generator=g, dtype=torch.float64)
+    e = torch.randn(3, 4, 5, 6, generator=g, dtype=torch.float64)
+    alpha = torch.tensor(0.7, dtype=torch.float64)
+    ins = [t.clone().requires_grad_() for t in (x, alpha, e)]
+    out, ref = _ScaledResidual.apply(*ins), ins[0] + ins[1] * ins[2]
+    torch.testing.assert_close(out, ref, rtol=1e-13, atol=1e-14)  # addcmul may fuse the multiply-add
+    w = torch.randn_like(ref)
+    for u, v in zip(torch.autograd.grad((out * w).sum(), ins), torch.autograd.grad((ref * w).sum(), ins)):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(_ScaledResidual.apply, [t.detach().requires_grad_() for t in (x, alpha, e)])
 
 
 def test_hsic_is_near_zero_for_independent_and_positive_for_dependent_inputs():

@@ -49,6 +49,36 @@ def gram(x: Tensor, rows_last: bool = False) -> Tensor:
     return _Gram.apply(x) if x.requires_grad else torch.matmul(x.transpose(-1, -2), x)
 
 
+class _CenteredGramRowsLast(torch.autograd.Function):
+    """``(G_c, mean)`` of x (..., d, n) (rows last): ``mean = x 1 / n`` and ``G_c = X_c X_c^T`` with ``X_c = x - mean``.
+    Backward: ``dL/dx = (G + G^T) X_c``; the path through the mean adds nothing, since it is
+    ``-(G + G^T) X_c 1 1^T / n`` and the centred rows sum to 0. One matmul instead of autograd's matmul, negation,
+    mean expansion and two sums over the (..., d, n) activations. The mean is returned without a gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> tuple[Tensor, Tensor]:
+        mean = x.mean(-1, keepdim=True)
+        xc = x - mean
+        ctx.save_for_backward(xc)
+        ctx.mark_non_differentiable(mean)
+        return torch.matmul(xc, xc.transpose(-1, -2)), mean
+
+    @staticmethod
+    def backward(ctx, g: Tensor, _dmean: Tensor | None) -> Tensor:
+        (xc,) = ctx.saved_tensors
+        g = g.to(xc.dtype)  # under autocast the Gram's consumer may have run in float32
+        return torch.matmul(g + g.transpose(-1, -2), xc)
+
+
+def centered_gram_rows_last(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x (..., d, n) -> (the centred Gram (..., d, d), the row mean (..., d, 1), no gradient)."""
+    if x.requires_grad:
+        return _CenteredGramRowsLast.apply(x)
+    mean = x.mean(-1, keepdim=True)
+    xc = x - mean
+    return torch.matmul(xc, xc.transpose(-1, -2)), mean
+
+
 def pair_index(k: int, device=None) -> tuple[Tensor, Tensor]:
     """Indices (i, j) of the K(K-1)/2 component pairs i < j."""
     return torch.triu_indices(k, k, offset=1, device=device).unbind(0)

@@ -32,7 +32,7 @@ from recscale.models import decode_mix
 from recscale.models.dhen import MODULES, DHENLayer
 from recscale.models.hsic import (
     decorrelation_penalty,
-    gram,
+    centered_gram_rows_last,
     kernel_hsic_pairs,
     linear_hsic_from_gram,
     linear_hsic_pairs,
@@ -639,6 +639,29 @@ class Interaction(nn.Module):
 
 
 # ------------------------------------------------------------------------------------- the block
+class _ScaledResidual(torch.autograd.Function):
+    """``x + alpha e`` (x broadcast over e's leading heads) in one pass, with a backward that takes ``dalpha`` as a
+    dot product instead of writing ``dout * e`` and summing it."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, alpha: Tensor, e: Tensor) -> Tensor:
+        ctx.save_for_backward(alpha, e)
+        ctx.x_shape = x.shape
+        return torch.addcmul(x, alpha, e)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        alpha, e = ctx.saved_tensors
+        dx = dalpha = de = None
+        if ctx.needs_input_grad[0]:
+            dx = g if g.shape == ctx.x_shape else g.sum_to_size(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            dalpha = torch.dot(g.reshape(-1), e.reshape(-1).to(g.dtype)).to(alpha.dtype)
+        if ctx.needs_input_grad[2]:
+            de = (g * alpha).to(e.dtype)
+        return dx, dalpha, de
+
+
 class RoBlock(nn.Module):
     """One RoBlock (module docstring): ``(x, x0) -> (E_out (M', B, F, D), L_HSIC or None)``.
 
@@ -766,8 +789,7 @@ class RoBlock(nn.Module):
         Gc = mean = None
         if (self.rebalance is not None and self.rebalance.training) or want:
             with torch.set_grad_enabled(want and hsic_grad and torch.is_grad_enabled()):
-                mean = xt.mean(-1, keepdim=True)  # (M, F, D, 1)
-                Gc = gram(xt - mean, rows_last=True)  # (M, F, D, D)
+                Gc, mean = centered_gram_rows_last(xt)  # (M, F, D, D), (M, F, D, 1)
         if self.rebalance is not None:
             r = self.rebalance
             if r.training:
@@ -814,7 +836,7 @@ class RoBlock(nn.Module):
     def _residual(self, x: Tensor, e_new: Tensor) -> Tensor:  # E_out = E + alpha E' (E broadcast over M')
         if self.residual == "none":
             return e_new
-        return x + e_new if self.alpha is None else x + self.alpha * e_new
+        return x + e_new if self.alpha is None else _ScaledResidual.apply(x, self.alpha, e_new)
 
     def forward(self, x: Tensor, x0: Tensor, want_hsic: bool = False,
                 hsic_grad: bool = True) -> tuple[Tensor, Tensor | None]:
