@@ -858,6 +858,25 @@ class RoBlock(nn.Module):
 
 
 # ------------------------------------------------------------------------------------- the backbone
+class _BatchLast(torch.autograd.Function):
+    """The embeddings (M, B, F, D) as a contiguous batch-last (M, F, D, B) tensor. Backward writes the gradient in the
+    (B, F, M, D) layout of the embedding lookup's output (returned as its (M, B, F, D) view), one field at a time:
+    a (M D, B) -> (B, M D) transpose per field keeps its rows in cache, where one permuted copy of the whole tensor
+    reads a new cache line per element (about 4x slower at ME 4x)."""
+
+    @staticmethod
+    def forward(ctx, e: Tensor) -> Tensor:
+        return e.permute(0, 2, 3, 1).contiguous()
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        M, F, D, B = g.shape
+        out = torch.empty((B, F, M, D), dtype=g.dtype, device=g.device)
+        for f in range(F):
+            out[:, f].view(B, M * D).copy_(g[:, f].reshape(M * D, B).t())
+        return out.permute(2, 0, 1, 3)
+
+
 class _BatchFirst(torch.autograd.Function):
     """The batch-last stack's output (M, F, D, B) as a contiguous (M, B, F, D) tensor (the copy the head's flatten
     would make anyway), whose backward hands the stack a contiguous batch-last gradient: the permuted view of the
@@ -969,7 +988,7 @@ class RoBlockNet(nn.Module):
         self._hsic = []
         batch_last = self.batch_last and all(b.fusable(want) and b.interaction.kind in ("cross", "none")
                                              for b in self.stack)
-        x = e.permute(0, 2, 3, 1).contiguous() if batch_last else e
+        x = _BatchLast.apply(e) if batch_last else e
         x0, outs = x, []
         for block in self.stack:
             step = block.forward_t if batch_last else block
