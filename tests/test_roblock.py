@@ -692,7 +692,8 @@ def test_decode_mix_query_kernel_equals_torch_gates(M, H, B, scale):
     """The kernel that also computes the gates (D = 10, K = 4) against torch's query, logits and softmax: float64 to
     1e-12 (its exp is a Taylor polynomial to double precision), float32 to 2e-5 relative; batches off the vector width
     (the padded last strip); ``scale`` 40 spreads the logits over ~10^3, so softmax underflows most gates (the kernel
-    clamps exp's argument at the type's smallest normal power of two); gradients of all seven inputs; two threads."""
+    clamps exp's argument at the type's smallest normal power of two); gradients of all seven inputs, also with the
+    centred Gram's gradient taken through the kernel (``gram=``); two threads."""
     torch.manual_seed(1)
     F, D, K = 3, 10, 4
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
@@ -706,6 +707,17 @@ def test_decode_mix_query_kernel_equals_torch_gates(M, H, B, scale):
         w = torch.randn_like(ref)
         for u, v in zip(torch.autograd.grad((got * w).sum(), ins), torch.autograd.grad((ref * w).sum(), ins)):
             torch.testing.assert_close(u, v, rtol=tol, atol=tol * max(1.0, v.abs().max().item()))
+        # the centred Gram's gradient routed through the kernel: the same x gradient as autograd through the Gram
+        G, mean = centered_gram_rows_last(ins[0].detach())
+        got, Gout = decode_mix.decode_mix_query(*ins, gram=(G, mean))
+        ref = _decode_mix_query_reference(*ins).transpose(0, 1)
+        Gref = centered_gram_rows_last(ins[0])[0]
+        wG = torch.randn_like(G)
+        u = torch.autograd.grad((got * w).sum() + (Gout * wG).sum(), ins)
+        v = torch.autograd.grad((ref * w).sum() + (Gref * wG).sum(), ins)
+        torch.testing.assert_close(Gout, Gref, rtol=tol, atol=tol * Gref.abs().max().item())
+        for a, b in zip(u, v):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)

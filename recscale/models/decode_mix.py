@@ -330,7 +330,8 @@ static inline __attribute__((always_inline)) void query_strip_##SUF(const T *xs,
 /* backward of the query: dg (in DG) -> dlogits, dU, dc, and dx += T_m dy, dT_m, dt0_m with dy = dybar / M */      \
 static inline __attribute__((always_inline)) void query_bwd_strip_##SUF(const T *xs, int64_t xsm, int64_t ldx,    \
         T *dxs, const T *Tf, int64_t FDD, const T *Uf, const V_##SUF *yb, const V_##SUF *G, V_##SUF *DG,         \
-        V_##SUF *dUacc, V_##SUF *dcacc, V_##SUF *dTacc, V_##SUF *dtacc, int64_t M, int64_t D, int64_t H, int64_t n) { \
+        V_##SUF *dUacc, V_##SUF *dcacc, V_##SUF *dTacc, V_##SUF *dtacc, const T *muf, const T *Sf, int64_t FD,     \
+        int64_t M, int64_t D, int64_t H, int64_t n) {                                                              \
     const int64_t J = H * n;                                                                                       \
     for (int64_t h = 0; h < H; h++) {                                                                              \
         V_##SUF s = (V_##SUF){0};                                                                                  \
@@ -347,11 +348,15 @@ static inline __attribute__((always_inline)) void query_bwd_strip_##SUF(const T 
     for (int64_t d = 0; d < D; d++) dy[d] *= (T)1 / (T)M;                                                          \
     for (int64_t m = 0; m < M; m++) {                                                                              \
         const T *Tm = Tf + m * FDD;                                                                                \
-        V_##SUF *dTm = dTacc + m * D * D;                                                                          \
+        V_##SUF *dTm = dTacc + m * D * D, xc[DMAX];                                                                \
+        if (Sf)  /* the centred Gram's gradient S = dG + dG^T adds S (x - mean) */                                 \
+            for (int64_t d = 0; d < D; d++) xc[d] = ld_##SUF(xs + (m * xsm + d) * ldx) - muf[m * FD + d];          \
         for (int64_t d = 0; d < D; d++) {                                                                          \
             const V_##SUF xv = ld_##SUF(xs + (m * xsm + d) * ldx);                                                 \
             V_##SUF dxv = ld_##SUF(dxs + (m * xsm + d) * ldx);                                                     \
             for (int64_t dp = 0; dp < D; dp++) { dxv += Tm[d * D + dp] * dy[dp]; dTm[d * D + dp] += xv * dy[dp]; } \
+            if (Sf)                                                                                                \
+                for (int64_t e = 0; e < D; e++) dxv += Sf[m * FDD + d * D + e] * xc[e];                            \
             st_##SUF(dxs + (m * xsm + d) * ldx, dxv);                                                              \
         }                                                                                                          \
         for (int64_t dp = 0; dp < D; dp++) dtacc[m * D + dp] += dy[dp];                                            \
@@ -392,7 +397,8 @@ int decode_mix_q_fwd_##SUF(const T *x, const T *Tq, const T *tq, const T *U, con
     return err;                                                                                                    \
 }                                                                                                                  \
 int decode_mix_q_bwd_##SUF(const T *x, const T *Tq, const T *tq, const T *U, const T *c, const T *A, const T *a,  \
-                           const T *dR, T *dx, T *dT, T *dt, T *dU, T *dc, T *dA, T *da, int64_t M, int64_t F,       \
+                           const T *mu, const T *S, const T *dR, T *dx, T *dT, T *dt, T *dU, T *dc, T *dA, T *da,   \
+                           int64_t M, int64_t F,                                                                   \
                            int64_t K, int64_t D, int64_t H, int64_t B, int nthreads) {                              \
     const int64_t VL = sizeof(V_##SUF) / sizeof(T), KD = K * D, n = M * K, J = H * n, full = B / VL * VL;                                          \
     if (D != 10 || K != 4 || H > HMAX || J > JMAX) return 2;                                                       \
@@ -402,6 +408,7 @@ int decode_mix_q_bwd_##SUF(const T *x, const T *Tq, const T *tq, const T *U, con
     for (int64_t f = 0; f < F; f++) {                                                                              \
         const T *Af = A + f * D * KD, *af = a + f * KD, *xf = x + f * D * B, *Tf = Tq + f * D * D, *tf = tq + f * D; \
         const T *Uf = U + f * D * J, *cf = c + f * J, *dRf = dR + f * D * B;                                    \
+        const T *muf = S ? mu + f * D : NULL, *Sf = S ? S + f * D * D : NULL;                                      \
         T *dxf = dx + f * D * B;                                                                                   \
         V_##SUF *acc = (V_##SUF *)aligned_alloc(64, ((nacc + nbuf) * sizeof(V_##SUF) + 63) / 64 * 64);             \
         if (!acc) { err = 1; continue; }                                                                           \
@@ -413,7 +420,7 @@ int decode_mix_q_bwd_##SUF(const T *x, const T *Tq, const T *tq, const T *U, con
             bwd_strip_##SUF(xf + b0, F * D, B, Af, af, F * D * KD, F * KD, (const T *)G, VL, dRf + b0, F * D * B, B, dxf + b0,\
                             (T *)DG, daacc, dAacc, M, 4, 10, H);                                                   \
             query_bwd_strip_##SUF(xf + b0, F * D, B, dxf + b0, Tf, F * D * D, Uf, yb, G, DG, dUacc, dcacc, dTacc, \
-                                  dtacc, M, 10, H, n);                                                             \
+                                  dtacc, muf, Sf, F * D, M, 10, H, n);                                             \
         }                                                                                                          \
         if (full < B) {  /* zero-padded: the padded lanes have dR = 0, so they add nothing to the sums */         \
             const int64_t r = B - full;                                                                            \
@@ -427,8 +434,8 @@ int decode_mix_q_bwd_##SUF(const T *x, const T *Tq, const T *tq, const T *U, con
             query_strip_##SUF(xb, D, VL, Tf, tf, F * D * D, F * D, Uf, cf, yb, G, M, 10, H, n);                   \
             bwd_strip_##SUF(xb, D, VL, Af, af, F * D * KD, F * KD, (const T *)G, VL, dRb, D * VL, VL, dxb, (T *)DG, daacc, \
                             dAacc, M, 4, 10, H);                                                                   \
-            query_bwd_strip_##SUF(xb, D, VL, dxb, Tf, F * D * D, Uf, yb, G, DG, dUacc, dcacc, dTacc, dtacc, M, 10, \
-                                  H, n);                                                                           \
+            query_bwd_strip_##SUF(xb, D, VL, dxb, Tf, F * D * D, Uf, yb, G, DG, dUacc, dcacc, dTacc, dtacc, muf, Sf, \
+                                  F * D, M, 10, H, n);                                                             \
             for (int64_t i = 0; i < M * D; i++)                                                                    \
                 memcpy(dxf + ((i / D) * F * D + i % D) * B + full, dxb + i * VL, r * sizeof(T));                   \
             free(buf);                                                                                             \
@@ -486,7 +493,7 @@ def _build() -> ctypes.CDLL:
         getattr(lib, f"decode_mix_fwd_{suf}").argtypes = [ptr] * 5 + [i64] * 6 + [cint]
         getattr(lib, f"decode_mix_bwd_{suf}").argtypes = [ptr] * 9 + [i64] * 6 + [cint]
         getattr(lib, f"decode_mix_q_fwd_{suf}").argtypes = [ptr] * 8 + [i64] * 6 + [cint]
-        getattr(lib, f"decode_mix_q_bwd_{suf}").argtypes = [ptr] * 15 + [i64] * 6 + [cint]
+        getattr(lib, f"decode_mix_q_bwd_{suf}").argtypes = [ptr] * 17 + [i64] * 6 + [cint]
     return lib
 
 
@@ -567,10 +574,14 @@ class DecodeMixQuery(torch.autograd.Function):
     (T[m, f]^T x[m, f] + t0[m, f])``: x (M, F, D, B), T (M, F, D, D), t0 (M, F, D), U (F, D, H n), c (F, H n),
     A (M, F, D, K D), a (M, F, K D) -> R (H, F, D, B), head-major (the layout the router's output takes). Neither the
     gates nor the components are written; backward recomputes both per strip of samples. D = 10, K = 4 only
-    (``query_applies``)."""
+    (``query_applies``).
+
+    With ``gram = (G, mean)``, x's centred Gram (M, F, D, D) and row mean (M, F, D, 1) computed without a graph, it
+    also returns G as an output whose gradient dG reaches x through this node: the kernel adds ``(dG + dG^T)
+    (x - mean)`` to dx as it writes it (the HSIC's path to x, with no matmul and no gradient sum of its own)."""
 
     @staticmethod
-    def forward(ctx, x, T, t0, U, c, A, a):
+    def forward(ctx, x, T, t0, U, c, A, a, G=None, mean=None):
         x, T, t0, U, c, A, a = (t.contiguous() for t in (x, T, t0, U, c, A, a))
         M, F, D, B = x.shape
         K, H = A.shape[-1] // D, U.shape[-1] // (M * A.shape[-1] // D)
@@ -579,31 +590,42 @@ class DecodeMixQuery(torch.autograd.Function):
         if getattr(_lib, f"decode_mix_q_fwd_{suf}")(*map(_p, (x, T, t0, U, c, A, a, R)), M, F, K, D, H, B,
                                                     torch.get_num_threads()):
             raise MemoryError("decode_mix: out of memory for a per-field buffer")
-        ctx.save_for_backward(x, T, t0, U, c, A, a)
-        return R
+        ctx.save_for_backward(x, T, t0, U, c, A, a, mean)
+        if G is None:
+            return R
+        return R, G.clone()
 
     @staticmethod
-    def backward(ctx, dR):
-        x, T, t0, U, c, A, a = ctx.saved_tensors
+    def backward(ctx, dR, dG=None):
+        x, T, t0, U, c, A, a, mean = ctx.saved_tensors
         dR = dR.contiguous().to(x.dtype)
         M, F, D, B = x.shape
         K, H = A.shape[-1] // D, dR.shape[0]
         grads = [torch.empty_like(t) for t in (x, T, t0, U, c, A, a)]
+        S = mu = None
+        if dG is not None:
+            S = (dG + dG.transpose(-1, -2)).to(x.dtype).contiguous()
+            mu = mean.to(x.dtype).contiguous()
         suf = "f32" if x.dtype == torch.float32 else "f64"
-        if getattr(_lib, f"decode_mix_q_bwd_{suf}")(*map(_p, (x, T, t0, U, c, A, a, dR, *grads)), M, F, K, D, H, B,
-                                                    torch.get_num_threads()):
+        if getattr(_lib, f"decode_mix_q_bwd_{suf}")(*map(_p, (x, T, t0, U, c, A, a)), None if S is None else _p(mu),
+                                                    None if S is None else _p(S), *map(_p, (dR, *grads)), M, F, K,
+                                                    D, H, B, torch.get_num_threads()):
             raise MemoryError("decode_mix: out of memory for a per-field buffer")
-        return tuple(grads)
+        return (*grads, None, None)
 
 
-def query_applies(x: Tensor, A: Tensor, heads: int) -> bool:
+def query_applies(x: Tensor, components: int, heads: int) -> bool:
     """Whether ``decode_mix_query`` serves these sizes: the strip kernel's D = 10, K = 4, and at most 512 gates per
     sample and field."""
     M, F, D, B = x.shape
-    return D == 10 and A.shape[-1] == 4 * D and heads <= 64 and heads * M * 4 <= 512
+    return D == 10 and components == 4 and heads <= 64 and heads * M * 4 <= 512
 
 
-def decode_mix_query(x: Tensor, T: Tensor, t0: Tensor, U: Tensor, c: Tensor, A: Tensor, a: Tensor) -> Tensor:
+def decode_mix_query(x: Tensor, T: Tensor, t0: Tensor, U: Tensor, c: Tensor, A: Tensor, a: Tensor,
+                     gram: tuple[Tensor, Tensor] | None = None):
+    """R, or (R, G) with ``gram = (G, mean)`` (see ``DecodeMixQuery``)."""
     if not available():
         raise RuntimeError(f"the native decode-mix kernel is unavailable: {_why}")
-    return DecodeMixQuery.apply(x, T, t0, U, c, A, a)
+    if gram is None:
+        return DecodeMixQuery.apply(x, T, t0, U, c, A, a)
+    return DecodeMixQuery.apply(x, T, t0, U, c, A, a, gram[0].detach(), gram[1].detach())

@@ -786,9 +786,13 @@ class RoBlock(nn.Module):
         dec = self.decoupler.affine(M, F) if self.decoupler is not None else identity
         K = self.decoupler.K if self.decoupler is not None else 1
         want = want_hsic and K > 1
+        grad_gram = want and hsic_grad and torch.is_grad_enabled()
+        # the native kernel that also computes the gates (D = 10, K = 4); it takes the Gram's gradient path too
+        fast = (self.native and self.router is not None and decode_mix.query_applies(xt, K, self.heads)
+                and decode_mix.applies(xt, dec[0], dec[1]))
         Gc = mean = None
         if (self.rebalance is not None and self.rebalance.training) or want:
-            with torch.set_grad_enabled(want and hsic_grad and torch.is_grad_enabled()):
+            with torch.set_grad_enabled(grad_gram and not fast):
                 Gc, mean = centered_gram_rows_last(xt)  # (M, F, D, D), (M, F, D, 1)
         if self.rebalance is not None:
             r = self.rebalance
@@ -803,6 +807,16 @@ class RoBlock(nn.Module):
             T, t0 = identity
         A = torch.matmul(T, dec[0])  # (M, F, D, K D)
         a = torch.matmul(t0.unsqueeze(-2), dec[0]).squeeze(-2) + dec[1]  # (M, F, K D)
+        R = None
+        if fast and decode_mix.applies(xt, A, a, T, t0):  # query, gates and components inside; none written
+            cpar, U = self.router._params()
+            args = (xt, T.expand(M, F, D, D), t0.expand(M, F, D), U, cpar, A, a)
+            if grad_gram:  # Gc comes back as the kernel's output: dGc reaches xt through its backward
+                R, Gc = decode_mix.decode_mix_query(*args, gram=(Gc, mean))
+            else:
+                R = decode_mix.decode_mix_query(*args)
+        elif fast and grad_gram:  # the kernel does not take these tensors after all: the Gram with its own graph
+            Gc, mean = centered_gram_rows_last(xt)
         h = None
         if want:
             with torch.set_grad_enabled(hsic_grad and torch.is_grad_enabled()):
@@ -815,9 +829,7 @@ class RoBlock(nn.Module):
             Am = A.reshape(M * F, D, K, D).mean(2).transpose(1, 2)
             et = torch.baddbmm(a.reshape(M * F, K, D).mean(1).unsqueeze(-1), Am, x2)
             return et.view(M, F, D, B), h
-        if self.native and decode_mix.applies(xt, A, a, T, t0) and decode_mix.query_applies(xt, A, self.heads):
-            cpar, U = self.router._params()  # query, gates and components inside the kernel, none of them written
-            R = decode_mix.decode_mix_query(xt, T.expand(M, F, D, D), t0.expand(M, F, D), U, cpar, A, a)
+        if R is not None:
             return self.router.combine_batchlast(R), h
         yt = torch.baddbmm(t0.reshape(M * F, D, 1), T.reshape(M * F, D, D).transpose(1, 2), x2)
         ybar = yt.view(M, F, D, B).mean(0) if M > 1 else yt.view(F, D, B)
