@@ -936,6 +936,7 @@ def test_rff_hsic_is_the_biased_hsic_of_the_feature_grams_and_approximates_the_g
 
 @pytest.mark.parametrize("kw", [dict(router="factorized"), dict(router="within_field", x0_source="regenerated",
                                                                   heads=3, residual="fixed"),
+                                dict(router="factorized", heads=3), dict(router="factorized", residual="none"),
                                 dict(router="none", interaction="none")])
 def test_batch_last_stack_equals_the_batch_first_one(kw):
     """RoBlockNet keeps a stack of fusable cross (or interaction-free) blocks batch-last from the first block to the

@@ -522,9 +522,10 @@ class FieldRouter(nn.Module):
         return torch.einsum("hgf,fbhd->hbgd", self.field_mix(), R)
 
     def mix_batchlast(self, yt: Tensor, mix: Callable[[Tensor], Tensor]) -> Tensor:
-        """The router on batch-last inputs (RoBlock's fused path): ybar (F, D, B) and ``mix``, which maps the gates
-        g (F, H, M K, B) to ``R[f, h] = sum_n g[f, h, n] c[n, f]`` (F, H, D, B) for the candidates c (M, F, K, D, B)
-        -> (M', F, D, B). Same map as ``forward``, for the field-local variants."""
+        """The field-local mixtures on batch-last inputs (RoBlock's fused path): ybar (F, D, B) and ``mix``, which
+        maps the gates g (F, H, M K, B) to ``R[f, h] = sum_n g[f, h, n] c[n, f]`` (F, H, D, B) for the candidates
+        c (M, F, K, D, B) -> R head-major (H, F, D, B); ``combine_batchlast`` turns it into the regenerated sets
+        (``forward``'s map, for the field-local variants)."""
         if not self.local:  # the dense ones go through ``forward`` (batch-first); see RoBlock.fusable
             raise ValueError("mix_batchlast serves the field-local routers (within_field, factorized) only")
         F, D, B = yt.shape
@@ -532,15 +533,23 @@ class FieldRouter(nn.Module):
         cpar, U = self._params()
         logits = torch.baddbmm(cpar.unsqueeze(-1), U.transpose(1, 2), yt)  # (F, H n, B)
         R = mix(torch.softmax(logits.view(F, H, n, B), 2))  # (F, H, D, B), candidates n = m K + k
-        return self.combine_batchlast(R.view(H, F, D, B) if H == 1 else R.transpose(0, 1))
+        return R.view(H, F, D, B) if H == 1 else R.transpose(0, 1)
 
-    def combine_batchlast(self, R: Tensor) -> Tensor:
+    def combine_batchlast(self, R: Tensor, x: Tensor | None = None, alpha: Tensor | None = None) -> Tensor:
         """The field-local mixtures ``R`` (H, F, D, B) -> the regenerated sets (M' = H, F, D, B): as they are for
-        ``within_field``, mixed across fields by Omega for ``factorized``."""
-        if self.variant == "within_field":
-            return R
+        ``within_field``, mixed across fields by Omega for ``factorized``. With the block input ``x`` (M, F, D, B),
+        the block's output ``x + alpha E'`` (alpha None: 1) instead; for ``factorized`` that is one batched matmul
+        ``x + (alpha Omega) R``, so neither E' nor its gradient is written and alpha's gradient comes through the
+        small (F x F) product."""
         H, F, D, B = R.shape
-        return torch.matmul(self.field_mix(), R.reshape(H, F, D * B)).view(H, F, D, B)
+        if self.variant == "within_field":
+            if x is None:
+                return R
+            return x + R if alpha is None else _ScaledResidual.apply(x, alpha, R)
+        W = self.field_mix() if alpha is None else alpha * self.field_mix()
+        if x is None:
+            return torch.matmul(W, R.reshape(H, F, D * B)).view(H, F, D, B)
+        return torch.baddbmm(x.reshape(x.shape[0], F, D * B), W, R.reshape(H, F, D * B)).view(H, F, D, B)
 
 
 class _LocalMix(torch.autograd.Function):
@@ -635,7 +644,7 @@ class Interaction(nn.Module):
         M, F, D, B = xt.shape
         lin = self.layer
         zt = torch.baddbmm(lin.bias.transpose(1, 2), lin.weight.transpose(1, 2), xt.reshape(M, F * D, B))
-        return (zt * x0t.reshape(M, F * D, B)).view(M, F, D, B)
+        return (zt * x0t.reshape(x0t.shape[0], F * D, B)).view(M, F, D, B)  # x0: one set, or M
 
 
 # ------------------------------------------------------------------------------------- the block
@@ -763,8 +772,11 @@ class RoBlock(nn.Module):
         e, h = self.fused_tail_t(z.permute(0, 2, 3, 1).contiguous(), want_hsic, hsic_grad)
         return e.permute(0, 3, 1, 2), h
 
-    def fused_tail_t(self, xt: Tensor, want_hsic: bool, hsic_grad: bool) -> tuple[Tensor, Tensor | None]:
-        """The fused tail on batch-last activations: z (M, F, D, B) -> (E' (M', F, D, B), HSIC).
+    def fused_tail_t(self, xt: Tensor, want_hsic: bool, hsic_grad: bool,
+                     residual: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """The fused tail on batch-last activations: z (M, F, D, B) -> (E' (M', F, D, B), HSIC); with the block input
+        ``residual`` (M, F, D, B), the block's output ``E + alpha E'`` in place of E' (``_residual``; the
+        factorized router folds it into its field mixing).
 
         The same map as the component modules, rearranged (our implementation; the tests compare both paths):
         with ``X = z_{m,f}`` (B x D) per set and field,
@@ -827,23 +839,27 @@ class RoBlock(nn.Module):
         x2 = xt.view(M * F, D, B)
         if self.router is None:  # E' = mean_k C_k = X mean_k(A_k) + mean_k(a_k)
             Am = A.reshape(M * F, D, K, D).mean(2).transpose(1, 2)
-            et = torch.baddbmm(a.reshape(M * F, K, D).mean(1).unsqueeze(-1), Am, x2)
-            return et.view(M, F, D, B), h
-        if R is not None:
+            et = torch.baddbmm(a.reshape(M * F, K, D).mean(1).unsqueeze(-1), Am, x2).view(M, F, D, B)
+            return (et if residual is None else self._residual(residual, et)), h
+        if R is None:
+            yt = torch.baddbmm(t0.reshape(M * F, D, 1), T.reshape(M * F, D, D).transpose(1, 2), x2)
+            ybar = yt.view(M, F, D, B).mean(0) if M > 1 else yt.view(F, D, B)
+            if self.native and decode_mix.applies(xt, A, a):  # the components are never written (decode_mix.py)
+                R = self.router.mix_batchlast(ybar, lambda g: decode_mix.decode_mix(xt, A, a, g))
+            else:
+                ct = torch.baddbmm(a.reshape(M * F, K * D, 1), A.reshape(M * F, D, K * D).transpose(1, 2), x2)
+                R = self.router.mix_batchlast(ybar, lambda g: _LocalMix.apply(g, ct.view(M, F, K, D, B)))
+        if residual is None:
             return self.router.combine_batchlast(R), h
-        yt = torch.baddbmm(t0.reshape(M * F, D, 1), T.reshape(M * F, D, D).transpose(1, 2), x2)
-        ybar = yt.view(M, F, D, B).mean(0) if M > 1 else yt.view(F, D, B)
-        if self.native and decode_mix.applies(xt, A, a):  # the components are never written (decode_mix.py)
-            return self.router.mix_batchlast(ybar, lambda g: decode_mix.decode_mix(xt, A, a, g)), h
-        ct = torch.baddbmm(a.reshape(M * F, K * D, 1), A.reshape(M * F, D, K * D).transpose(1, 2), x2)
-        return self.router.mix_batchlast(ybar, lambda g: _LocalMix.apply(g, ct.view(M, F, K, D, B))), h
+        if self.residual == "none":
+            return self.router.combine_batchlast(R), h
+        return self.router.combine_batchlast(R, residual, self.alpha), h
 
     def forward_t(self, xt: Tensor, x0t: Tensor, want_hsic: bool = False,
                   hsic_grad: bool = True) -> tuple[Tensor, Tensor | None]:
         """``forward`` on batch-last activations (M, F, D, B), for a fusable block with the cross interaction (or
         none), so that a stack of such blocks never transposes its activations (RoBlockNet's batch-last path)."""
-        e_new, h = self.fused_tail_t(self.interaction.forward_t(xt, x0t), want_hsic, hsic_grad)
-        return self._residual(xt, e_new), h
+        return self.fused_tail_t(self.interaction.forward_t(xt, x0t), want_hsic, hsic_grad, residual=xt)
 
     def _residual(self, x: Tensor, e_new: Tensor) -> Tensor:  # E_out = E + alpha E' (E broadcast over M')
         if self.residual == "none":
