@@ -152,7 +152,8 @@ static inline void st_##SUF(T *p, V_##SUF v) { *(V_##SUF *)p = v; }             
 static inline T hsum_##SUF(V_##SUF v) { T s = 0; for (int i = 0; i < VL; i++) s += v[i]; return s; }                \
 /* one strip of VL columns; x(m, d) = xs + (m xsm + d) ldx, g(h, i) = gs + (h n + i) ldg, R(h, dp) = Rs + h ldh + dp ldr */ \
 static inline __attribute__((always_inline)) void fwd_strip_##SUF(const T *xs, int64_t xsm, int64_t ldx, const T *Af, const T *af, int64_t FDKD, int64_t FKD,\
-                            const T *gs, int64_t ldg, T *Rs, int64_t ldh, int64_t ldr, int64_t M, int64_t K, int64_t D, int64_t H) {\
+                            const T *gs, int64_t ldg, T *Rs, int64_t ldh, int64_t ldr, const T *Xr, int64_t ldxh, T alpha, \
+                            int64_t M, int64_t K, int64_t D, int64_t H) {                                           \
     const int64_t KD = K * D, n = M * K;                                                                            \
     for (int64_t dp = 0; dp < D; dp++) {                                                                            \
         V_##SUF acc[HMAX];                                                                                          \
@@ -168,13 +169,18 @@ static inline __attribute__((always_inline)) void fwd_strip_##SUF(const T *xs, i
                 for (int64_t h = 0; h < H; h++) acc[h] += ld_##SUF(gs + (h * n + m * K + k) * ldg) * c;            \
             }                                                                                                       \
         }                                                                                                           \
-        for (int64_t h = 0; h < H; h++) st_##SUF(Rs + h * ldh + dp * ldr, acc[h]);                                 \
+        if (Xr)  /* the block's residual: x + alpha R */                                                              \
+            for (int64_t h = 0; h < H; h++) st_##SUF(Rs + h * ldh + dp * ldr, ld_##SUF(Xr + h * ldxh + dp * ldr) + alpha * acc[h]); \
+        else                                                                                                        \
+            for (int64_t h = 0; h < H; h++) st_##SUF(Rs + h * ldh + dp * ldr, acc[h]);                             \
     }                                                                                                               \
 }                                                                                                                   \
 static inline __attribute__((always_inline)) void bwd_strip_##SUF(const T *xs, int64_t xsm, int64_t ldx, const T *Af, const T *af, int64_t FDKD,          \
                             int64_t FKD, const T *gs, int64_t ldg, const T *dRs, int64_t ldh, int64_t ldr, T *dxs, T *dgs,       \
-                            V_##SUF *daacc, V_##SUF *dAacc, int64_t M, int64_t K, int64_t D, int64_t H) {           \
+                            V_##SUF *daacc, V_##SUF *dAacc, T alpha, V_##SUF *dal, int64_t M, int64_t K, int64_t D,  \
+                            int64_t H) {                                                                            \
     const int64_t KD = K * D, n = M * K;                                                                            \
+    V_##SUF dalv = (V_##SUF){0};  /* a register, not *dal: stores through the accumulators could alias it */     \
     for (int64_t m = 0; m < M; m++) {                                                                               \
         const T *Am = Af + m * FDKD, *am = af + m * FKD;                                                            \
         V_##SUF xv[DMAX], dxv[DMAX];                                                                                \
@@ -186,20 +192,23 @@ static inline __attribute__((always_inline)) void bwd_strip_##SUF(const T *xs, i
                 const int64_t j = k * D + dp;                                                                       \
                 V_##SUF c = (V_##SUF){0} + am[j];                                                                   \
                 for (int64_t d = 0; d < D; d++) c += Am[d * KD + j] * xv[d];                                        \
-                V_##SUF dc = (V_##SUF){0};                                                                          \
+                V_##SUF dc = (V_##SUF){0};  /* with the residual folded in, dR = alpha dout: scaled below */        \
                 for (int64_t h = 0; h < H; h++) {                                                                   \
                     const V_##SUF dr = ld_##SUF(dRs + h * ldh + dp * ldr);                                          \
                     dc += ld_##SUF(gs + (h * n + m * K + k) * ldg) * dr;                                            \
                     dgv[h] += dr * c;                                                                               \
                 }                                                                                                   \
+                if (dal) dalv += dc * c;  /* dalpha = sum dout . R = sum_{m,k,d'} c (sum_h g dout) */               \
+                dc *= alpha;                                                                                        \
                 daacc[m * KD + j] += dc;                                                                            \
                 V_##SUF *dAm = dAacc + m * D * KD;                                                                  \
                 for (int64_t d = 0; d < D; d++) { dAm[d * KD + j] += xv[d] * dc; dxv[d] += Am[d * KD + j] * dc; }  \
             }                                                                                                       \
-            for (int64_t h = 0; h < H; h++) st_##SUF(dgs + (h * n + m * K + k) * ldg, dgv[h]);                     \
+            for (int64_t h = 0; h < H; h++) st_##SUF(dgs + (h * n + m * K + k) * ldg, alpha * dgv[h]);             \
         }                                                                                                           \
         for (int64_t d = 0; d < D; d++) st_##SUF(dxs + (m * xsm + d) * ldx, dxv[d]);                                \
     }                                                                                                               \
+    if (dal) *dal += dalv;                                                                                          \
 }                                                                                                                   \
 int decode_mix_fwd_##SUF(const T *x, const T *A, const T *a, const T *g, T *R, int64_t M, int64_t F,          \
                                int64_t K, int64_t D, int64_t H, int64_t B, int nthreads) {                          \
@@ -211,7 +220,7 @@ int decode_mix_fwd_##SUF(const T *x, const T *A, const T *a, const T *g, T *R, i
         const T *Af = A + f * D * KD, *af = a + f * KD, *xf = x + f * D * B, *gf = g + f * H * n * B;               \
         T *Rf = R + f * H * D * B;                                                                                  \
         for (int64_t b0 = 0; b0 < full; b0 += VL)  /* D = 10, K = 4 as constants: x in registers */              \
-            fwd_strip_##SUF(xf + b0, F * D, B, Af, af, F * D * KD, F * KD, gf + b0, B, Rf + b0, D * B, B, M, 4, 10, H);   \
+            fwd_strip_##SUF(xf + b0, F * D, B, Af, af, F * D * KD, F * KD, gf + b0, B, Rf + b0, D * B, B, NULL, 0, 1, M, 4, 10, H);   \
         if (full < B) {  /* the last columns, zero-padded to one vector */                                          \
             const int64_t r = B - full;                                                                             \
             T *buf = (T *)calloc((M * D + H * n + H * D) * VL, sizeof(T));                                          \
@@ -220,7 +229,7 @@ int decode_mix_fwd_##SUF(const T *x, const T *A, const T *a, const T *g, T *R, i
             for (int64_t i = 0; i < M * D; i++)                                                                     \
                 memcpy(xb + i * VL, xf + ((i / D) * F * D + i % D) * B + full, r * sizeof(T));                      \
             for (int64_t i = 0; i < H * n; i++) memcpy(gb + i * VL, gf + i * B + full, r * sizeof(T));              \
-            fwd_strip_##SUF(xb, D, VL, Af, af, F * D * KD, F * KD, gb, VL, Rb, D * VL, VL, M, 4, 10, H);                     \
+            fwd_strip_##SUF(xb, D, VL, Af, af, F * D * KD, F * KD, gb, VL, Rb, D * VL, VL, NULL, 0, 1, M, 4, 10, H);                     \
             for (int64_t i = 0; i < H * D; i++) memcpy(Rf + i * B + full, Rb + i * VL, r * sizeof(T));              \
             free(buf);                                                                                              \
         }                                                                                                           \
@@ -244,7 +253,7 @@ int decode_mix_bwd_##SUF(const T *x, const T *A, const T *a, const T *g, const T
         V_##SUF *daacc = acc, *dAacc = acc + M * KD;                                                                \
         for (int64_t b0 = 0; b0 < full; b0 += VL)                                                                   \
             bwd_strip_##SUF(xf + b0, F * D, B, Af, af, F * D * KD, F * KD, gf + b0, B, dRf + b0, D * B, B, dxf + b0,      \
-                            dgf + b0, daacc, dAacc, M, 4, 10, H);                                                   \
+                            dgf + b0, daacc, dAacc, 1, NULL, M, 4, 10, H);                                          \
         if (full < B) {                                                                                             \
             const int64_t r = B - full;                                                                             \
             T *buf = (T *)calloc((2 * M * D + 2 * H * n + H * D) * VL, sizeof(T));                                  \
@@ -254,7 +263,7 @@ int decode_mix_bwd_##SUF(const T *x, const T *A, const T *a, const T *g, const T
                 memcpy(xb + i * VL, xf + ((i / D) * F * D + i % D) * B + full, r * sizeof(T));                      \
             for (int64_t i = 0; i < H * n; i++) memcpy(gb + i * VL, gf + i * B + full, r * sizeof(T));              \
             for (int64_t i = 0; i < H * D; i++) memcpy(dRb + i * VL, dRf + i * B + full, r * sizeof(T));            \
-            bwd_strip_##SUF(xb, D, VL, Af, af, F * D * KD, F * KD, gb, VL, dRb, D * VL, VL, dxb, dgb, daacc, dAacc, M, 4, 10, H); \
+            bwd_strip_##SUF(xb, D, VL, Af, af, F * D * KD, F * KD, gb, VL, dRb, D * VL, VL, dxb, dgb, daacc, dAacc, 1, NULL, M, 4, 10, H); \
             for (int64_t i = 0; i < M * D; i++)                                                                     \
                 memcpy(dxf + ((i / D) * F * D + i % D) * B + full, dxb + i * VL, r * sizeof(T));                    \
             for (int64_t i = 0; i < H * n; i++) memcpy(dgf + i * B + full, dgb + i * VL, r * sizeof(T));            \
@@ -363,7 +372,8 @@ static inline __attribute__((always_inline)) void query_bwd_strip_##SUF(const T 
     }                                                                                                              \
 }                                                                                                                  \
 int decode_mix_q_fwd_##SUF(const T *x, const T *Tq, const T *tq, const T *U, const T *c, const T *A, const T *a,  \
-                           T *R, int64_t M, int64_t F, int64_t K, int64_t D, int64_t H, int64_t B, int nthreads) {  \
+                           const T *xres, int64_t xsets, T alpha, T *R, int64_t M, int64_t F, int64_t K, int64_t D, \
+                           int64_t H, int64_t B, int nthreads) {                                                    \
     const int64_t VL = sizeof(V_##SUF) / sizeof(T), KD = K * D, n = M * K, J = H * n, full = B / VL * VL;                                          \
     if (D != 10 || K != 4 || H > HMAX || J > JMAX) return 2;                                                       \
     int err = 0;                                                                                                   \
@@ -372,22 +382,29 @@ int decode_mix_q_fwd_##SUF(const T *x, const T *Tq, const T *tq, const T *U, con
         const T *Af = A + f * D * KD, *af = a + f * KD, *xf = x + f * D * B, *Tf = Tq + f * D * D, *tf = tq + f * D; \
         const T *Uf = U + f * D * J, *cf = c + f * J;                                                              \
         T *Rf = R + f * D * B;  /* R (H, F, D, B): head-major */                                           \
+        const T *Xf = xres ? xres + f * D * B : NULL;  /* the residual (xsets, F, D, B); one set: every head */  \
+        const int64_t ldxh = xsets > 1 ? F * D * B : 0;                                                            \
         V_##SUF *G = (V_##SUF *)aligned_alloc(64, ((J + DMAX) * sizeof(V_##SUF) + 63) / 64 * 64);                  \
         if (!G) { err = 1; continue; }                                                                             \
         V_##SUF *yb = G + J;                                                                                       \
         for (int64_t b0 = 0; b0 < full; b0 += VL) {                                                                \
             query_strip_##SUF(xf + b0, F * D, B, Tf, tf, F * D * D, F * D, Uf, cf, yb, G, M, 10, H, n);           \
-            fwd_strip_##SUF(xf + b0, F * D, B, Af, af, F * D * KD, F * KD, (const T *)G, VL, Rf + b0, F * D * B, B, M, 4, 10, H); \
+            fwd_strip_##SUF(xf + b0, F * D, B, Af, af, F * D * KD, F * KD, (const T *)G, VL, Rf + b0, F * D * B, B, \
+                            Xf ? Xf + b0 : NULL, ldxh, alpha, M, 4, 10, H);                                        \
         }                                                                                                          \
         if (full < B) {                                                                                            \
             const int64_t r = B - full;                                                                            \
-            T *buf = (T *)calloc((M * D + H * D) * VL, sizeof(T));                                                 \
+            T *buf = (T *)calloc((M * D + 2 * H * D) * VL, sizeof(T));                                             \
             if (!buf) { err = 1; free(G); continue; }                                                              \
-            T *xb = buf, *Rb = buf + M * D * VL;                                                                   \
+            T *xb = buf, *Rb = buf + M * D * VL, *Xb = Rb + H * D * VL;                                            \
+            if (Xf)                                                                                                \
+                for (int64_t i = 0; i < H * D; i++)                                                                \
+                    memcpy(Xb + i * VL, Xf + (i / D) * ldxh + (i % D) * B + full, r * sizeof(T));                 \
             for (int64_t i = 0; i < M * D; i++)                                                                    \
                 memcpy(xb + i * VL, xf + ((i / D) * F * D + i % D) * B + full, r * sizeof(T));                     \
             query_strip_##SUF(xb, D, VL, Tf, tf, F * D * D, F * D, Uf, cf, yb, G, M, 10, H, n);                   \
-            fwd_strip_##SUF(xb, D, VL, Af, af, F * D * KD, F * KD, (const T *)G, VL, Rb, D * VL, VL, M, 4, 10, H);          \
+            fwd_strip_##SUF(xb, D, VL, Af, af, F * D * KD, F * KD, (const T *)G, VL, Rb, D * VL, VL, Xf ? Xb : NULL, \
+                            D * VL, alpha, M, 4, 10, H);                                                           \
             for (int64_t i = 0; i < H * D; i++)                                                                    \
                 memcpy(Rf + (i / D) * F * D * B + (i % D) * B + full, Rb + i * VL, r * sizeof(T));                 \
             free(buf);                                                                                             \
@@ -397,12 +414,12 @@ int decode_mix_q_fwd_##SUF(const T *x, const T *Tq, const T *tq, const T *U, con
     return err;                                                                                                    \
 }                                                                                                                  \
 int decode_mix_q_bwd_##SUF(const T *x, const T *Tq, const T *tq, const T *U, const T *c, const T *A, const T *a,  \
-                           const T *mu, const T *S, const T *dR, T *dx, T *dT, T *dt, T *dU, T *dc, T *dA, T *da,   \
-                           int64_t M, int64_t F,                                                                   \
+                           const T *mu, const T *S, T alpha, const T *dR, T *dx, T *dT, T *dt, T *dU, T *dc, T *dA, \
+                           T *da, T *dalpha, int64_t M, int64_t F,                                                  \
                            int64_t K, int64_t D, int64_t H, int64_t B, int nthreads) {                              \
     const int64_t VL = sizeof(V_##SUF) / sizeof(T), KD = K * D, n = M * K, J = H * n, full = B / VL * VL;                                          \
     if (D != 10 || K != 4 || H > HMAX || J > JMAX) return 2;                                                       \
-    const int64_t nacc = M * KD + M * D * KD + J + D * J + M * D * D + M * D, nbuf = 2 * J + DMAX;                 \
+    const int64_t nacc = M * KD + M * D * KD + J + D * J + M * D * D + M * D + 1, nbuf = 2 * J + DMAX;             \
     int err = 0;                                                                                                   \
     _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                                             \
     for (int64_t f = 0; f < F; f++) {                                                                              \
@@ -414,11 +431,12 @@ int decode_mix_q_bwd_##SUF(const T *x, const T *Tq, const T *tq, const T *U, con
         if (!acc) { err = 1; continue; }                                                                           \
         memset(acc, 0, nacc * sizeof(V_##SUF));                                                                    \
         V_##SUF *daacc = acc, *dAacc = daacc + M * KD, *dcacc = dAacc + M * D * KD, *dUacc = dcacc + J;            \
-        V_##SUF *dTacc = dUacc + D * J, *dtacc = dTacc + M * D * D, *G = dtacc + M * D, *DG = G + J, *yb = DG + J; \
+        V_##SUF *dTacc = dUacc + D * J, *dtacc = dTacc + M * D * D, *dal = dtacc + M * D, *G = dal + 1, *DG = G + J; \
+        V_##SUF *yb = DG + J;                                                                                      \
         for (int64_t b0 = 0; b0 < full; b0 += VL) {                                                                \
             query_strip_##SUF(xf + b0, F * D, B, Tf, tf, F * D * D, F * D, Uf, cf, yb, G, M, 10, H, n);           \
             bwd_strip_##SUF(xf + b0, F * D, B, Af, af, F * D * KD, F * KD, (const T *)G, VL, dRf + b0, F * D * B, B, dxf + b0,\
-                            (T *)DG, daacc, dAacc, M, 4, 10, H);                                                   \
+                            (T *)DG, daacc, dAacc, alpha, dalpha ? dal : NULL, M, 4, 10, H);                       \
             query_bwd_strip_##SUF(xf + b0, F * D, B, dxf + b0, Tf, F * D * D, Uf, yb, G, DG, dUacc, dcacc, dTacc, \
                                   dtacc, muf, Sf, F * D, M, 10, H, n);                                             \
         }                                                                                                          \
@@ -433,7 +451,7 @@ int decode_mix_q_bwd_##SUF(const T *x, const T *Tq, const T *tq, const T *U, con
                 memcpy(dRb + i * VL, dRf + (i / D) * F * D * B + (i % D) * B + full, r * sizeof(T));               \
             query_strip_##SUF(xb, D, VL, Tf, tf, F * D * D, F * D, Uf, cf, yb, G, M, 10, H, n);                   \
             bwd_strip_##SUF(xb, D, VL, Af, af, F * D * KD, F * KD, (const T *)G, VL, dRb, D * VL, VL, dxb, (T *)DG, daacc, \
-                            dAacc, M, 4, 10, H);                                                                   \
+                            dAacc, alpha, dalpha ? dal : NULL, M, 4, 10, H);                                       \
             query_bwd_strip_##SUF(xb, D, VL, dxb, Tf, F * D * D, Uf, yb, G, DG, dUacc, dcacc, dTacc, dtacc, muf, Sf, \
                                   F * D, M, 10, H, n);                                                             \
             for (int64_t i = 0; i < M * D; i++)                                                                    \
@@ -449,6 +467,7 @@ int decode_mix_q_bwd_##SUF(const T *x, const T *Tq, const T *tq, const T *U, con
             for (int64_t d = 0; d < D * D; d++) dT[(m * F + f) * D * D + d] = hsum_##SUF(dTacc[m * D * D + d]);   \
             for (int64_t d = 0; d < D; d++) dt[(m * F + f) * D + d] = hsum_##SUF(dtacc[m * D + d]);               \
         }                                                                                                          \
+        if (dalpha) dalpha[f] = hsum_##SUF(*dal);                                                                  \
         for (int64_t j = 0; j < J; j++) {                                                                          \
             dc[f * J + j] = hsum_##SUF(dcacc[j]);                                                                  \
             for (int64_t d = 0; d < D; d++) dU[(f * D + d) * J + j] = hsum_##SUF(dUacc[d * J + j]);               \
@@ -492,8 +511,9 @@ def _build() -> ctypes.CDLL:
     for suf in ("f32", "f64"):
         getattr(lib, f"decode_mix_fwd_{suf}").argtypes = [ptr] * 5 + [i64] * 6 + [cint]
         getattr(lib, f"decode_mix_bwd_{suf}").argtypes = [ptr] * 9 + [i64] * 6 + [cint]
-        getattr(lib, f"decode_mix_q_fwd_{suf}").argtypes = [ptr] * 8 + [i64] * 6 + [cint]
-        getattr(lib, f"decode_mix_q_bwd_{suf}").argtypes = [ptr] * 17 + [i64] * 6 + [cint]
+        real = ctypes.c_float if suf == "f32" else ctypes.c_double
+        getattr(lib, f"decode_mix_q_fwd_{suf}").argtypes = [ptr] * 8 + [i64, real, ptr] + [i64] * 6 + [cint]
+        getattr(lib, f"decode_mix_q_bwd_{suf}").argtypes = [ptr] * 9 + [real] + [ptr] * 9 + [i64] * 6 + [cint]
     return lib
 
 
@@ -578,26 +598,35 @@ class DecodeMixQuery(torch.autograd.Function):
 
     With ``gram = (G, mean)``, x's centred Gram (M, F, D, D) and row mean (M, F, D, 1) computed without a graph, it
     also returns G as an output whose gradient dG reaches x through this node: the kernel adds ``(dG + dG^T)
-    (x - mean)`` to dx as it writes it (the HSIC's path to x, with no matmul and no gradient sum of its own)."""
+    (x - mean)`` to dx as it writes it (the HSIC's path to x, with no matmul and no gradient sum of its own).
+    With ``xres`` (M or 1, F, D, B) and a 0-d ``alpha`` (None: 1) it writes the block's output ``xres + alpha R``
+    instead of R (the residual in the same pass; backward takes ``dR = alpha dout`` on the fly and ``dalpha =
+    sum dout . R`` from the components it recomputes)."""
 
     @staticmethod
-    def forward(ctx, x, T, t0, U, c, A, a, G=None, mean=None):
+    def forward(ctx, x, T, t0, U, c, A, a, G=None, mean=None, xres=None, alpha=None):
         x, T, t0, U, c, A, a = (t.contiguous() for t in (x, T, t0, U, c, A, a))
         M, F, D, B = x.shape
         K, H = A.shape[-1] // D, U.shape[-1] // (M * A.shape[-1] // D)
         R = torch.empty((H, F, D, B), dtype=x.dtype)
         suf = "f32" if x.dtype == torch.float32 else "f64"
-        if getattr(_lib, f"decode_mix_q_fwd_{suf}")(*map(_p, (x, T, t0, U, c, A, a, R)), M, F, K, D, H, B,
-                                                    torch.get_num_threads()):
+        ctx.res = xres is not None
+        if ctx.res:
+            xres = xres.contiguous()
+            ctx.xres_shape = xres.shape
+        ctx.alpha = 1.0 if alpha is None else float(alpha)
+        if getattr(_lib, f"decode_mix_q_fwd_{suf}")(*map(_p, (x, T, t0, U, c, A, a)), _p(xres) if ctx.res else None,
+                                                    xres.shape[0] if ctx.res else 0, ctx.alpha, _p(R), M, F, K, D,
+                                                    H, B, torch.get_num_threads()):
             raise MemoryError("decode_mix: out of memory for a per-field buffer")
-        ctx.save_for_backward(x, T, t0, U, c, A, a, mean)
+        ctx.save_for_backward(x, T, t0, U, c, A, a, mean, alpha)
         if G is None:
             return R
         return R, G.clone()
 
     @staticmethod
     def backward(ctx, dR, dG=None):
-        x, T, t0, U, c, A, a, mean = ctx.saved_tensors
+        x, T, t0, U, c, A, a, mean, alpha = ctx.saved_tensors
         dR = dR.contiguous().to(x.dtype)
         M, F, D, B = x.shape
         K, H = A.shape[-1] // D, dR.shape[0]
@@ -606,12 +635,18 @@ class DecodeMixQuery(torch.autograd.Function):
         if dG is not None:
             S = (dG + dG.transpose(-1, -2)).to(x.dtype).contiguous()
             mu = mean.to(x.dtype).contiguous()
+        want_alpha = alpha is not None and ctx.needs_input_grad[10]
+        dalpha = torch.empty(F, dtype=x.dtype) if want_alpha else None
         suf = "f32" if x.dtype == torch.float32 else "f64"
         if getattr(_lib, f"decode_mix_q_bwd_{suf}")(*map(_p, (x, T, t0, U, c, A, a)), None if S is None else _p(mu),
-                                                    None if S is None else _p(S), *map(_p, (dR, *grads)), M, F, K,
-                                                    D, H, B, torch.get_num_threads()):
+                                                    None if S is None else _p(S), ctx.alpha, *map(_p, (dR, *grads)),
+                                                    None if dalpha is None else _p(dalpha), M, F, K, D, H, B,
+                                                    torch.get_num_threads()):
             raise MemoryError("decode_mix: out of memory for a per-field buffer")
-        return (*grads, None, None)
+        dxres = None
+        if ctx.res and ctx.needs_input_grad[9]:  # the residual's input: dout, summed over heads when broadcast
+            dxres = dR if ctx.xres_shape == dR.shape else dR.sum_to_size(ctx.xres_shape)
+        return (*grads, None, None, dxres, None if dalpha is None else dalpha.sum().to(alpha.dtype))
 
 
 def query_applies(x: Tensor, components: int, heads: int) -> bool:
@@ -622,10 +657,12 @@ def query_applies(x: Tensor, components: int, heads: int) -> bool:
 
 
 def decode_mix_query(x: Tensor, T: Tensor, t0: Tensor, U: Tensor, c: Tensor, A: Tensor, a: Tensor,
-                     gram: tuple[Tensor, Tensor] | None = None):
-    """R, or (R, G) with ``gram = (G, mean)`` (see ``DecodeMixQuery``)."""
+                     gram: tuple[Tensor, Tensor] | None = None,
+                     residual: tuple[Tensor, Tensor | None] | None = None):
+    """R, or (R, G) with ``gram = (G, mean)``; with ``residual = (xres, alpha)`` (alpha None: 1), ``xres + alpha R``
+    in place of R (see ``DecodeMixQuery``)."""
     if not available():
         raise RuntimeError(f"the native decode-mix kernel is unavailable: {_why}")
-    if gram is None:
-        return DecodeMixQuery.apply(x, T, t0, U, c, A, a)
-    return DecodeMixQuery.apply(x, T, t0, U, c, A, a, gram[0].detach(), gram[1].detach())
+    G, mean = (None, None) if gram is None else (gram[0].detach(), gram[1].detach())
+    xres, alpha = (None, None) if residual is None else residual
+    return DecodeMixQuery.apply(x, T, t0, U, c, A, a, G, mean, xres, alpha)

@@ -819,14 +819,21 @@ class RoBlock(nn.Module):
             T, t0 = identity
         A = torch.matmul(T, dec[0])  # (M, F, D, K D)
         a = torch.matmul(t0.unsqueeze(-2), dec[0]).squeeze(-2) + dec[1]  # (M, F, K D)
-        R = None
+        R = out = None
         if fast and decode_mix.applies(xt, A, a, T, t0):  # query, gates and components inside; none written
             cpar, U = self.router._params()
             args = (xt, T.expand(M, F, D, D), t0.expand(M, F, D), U, cpar, A, a)
+            # within-field with at most 2 heads: the kernel writes the block's output x + alpha E' directly (E' = R);
+            # with more heads the H D extra rows each strip reads make that slower than a separate pass
+            # (bench/decode_mix_bench.py)
+            res = ((residual, self.alpha) if residual is not None and self.residual != "none"
+                   and self.router.variant == "within_field" and self.heads <= 2 else None)
             if grad_gram:  # Gc comes back as the kernel's output: dGc reaches xt through its backward
-                R, Gc = decode_mix.decode_mix_query(*args, gram=(Gc, mean))
+                R, Gc = decode_mix.decode_mix_query(*args, gram=(Gc, mean), residual=res)
             else:
-                R = decode_mix.decode_mix_query(*args)
+                R = decode_mix.decode_mix_query(*args, residual=res)
+            if res is not None:
+                out, R = R, None
         elif fast and grad_gram:  # the kernel does not take these tensors after all: the Gram with its own graph
             Gc, mean = centered_gram_rows_last(xt)
         h = None
@@ -841,6 +848,8 @@ class RoBlock(nn.Module):
             Am = A.reshape(M * F, D, K, D).mean(2).transpose(1, 2)
             et = torch.baddbmm(a.reshape(M * F, K, D).mean(1).unsqueeze(-1), Am, x2).view(M, F, D, B)
             return (et if residual is None else self._residual(residual, et)), h
+        if out is not None:
+            return out, h
         if R is None:
             yt = torch.baddbmm(t0.reshape(M * F, D, 1), T.reshape(M * F, D, D).transpose(1, 2), x2)
             ybar = yt.view(M, F, D, B).mean(0) if M > 1 else yt.view(F, D, B)
