@@ -636,6 +636,22 @@ def test_fused_block_equals_the_component_modules(kw, sets, heads, D, K, native,
     assert (len(calls["mix"]), len(calls["query"])) == ((0, served) if query else (served, 0))
 
 
+def _assert_same_grads(got, ref, w, ins, tol):
+    """The gradients of ``(got * w).sum()`` and ``(ref * w).sum()`` w.r.t. ``ins`` agree to ``tol`` (relative to each
+    gradient's size)."""
+    for u, v in zip(torch.autograd.grad((got * w).sum(), ins), torch.autograd.grad((ref * w).sum(), ins)):
+        torch.testing.assert_close(u, v, rtol=tol, atol=tol * max(1.0, v.abs().max().item()))
+
+
+def _with_two_threads(fn, *args, **kw):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        return fn(*args, **kw)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _decode_mix_reference(x, A, a, g):
     """The components written out, then mixed: C = A^T x + a, R[f, h] = sum_{m,k} g[f, h, m K + k] C[m, f, k]."""
     M, F, D, B = x.shape
@@ -660,15 +676,8 @@ def test_decode_mix_kernel_equals_the_written_out_components(M, F, K, D, H, B):
         w = torch.randn(F, H, D, B, dtype=dtype)
         got, ref = decode_mix.decode_mix(*ins), _decode_mix_reference(*ins)
         torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
-        for u, v in zip(torch.autograd.grad((got * w).sum(), ins), torch.autograd.grad((ref * w).sum(), ins)):
-            torch.testing.assert_close(u, v, rtol=tol, atol=tol * max(1.0, v.abs().max().item()))
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        two = decode_mix.decode_mix(*ins)
-    finally:
-        torch.set_num_threads(threads)
-    torch.testing.assert_close(two, got, rtol=1e-6, atol=1e-6)
+        _assert_same_grads(got, ref, w, ins, tol)
+    torch.testing.assert_close(_with_two_threads(decode_mix.decode_mix, *ins), got, rtol=1e-6, atol=1e-6)
     small = [torch.randn(1, 2, 2, 3, dtype=torch.float64, requires_grad=True),
              torch.randn(1, 2, 2, 6, dtype=torch.float64, requires_grad=True),
              torch.randn(1, 2, 6, dtype=torch.float64, requires_grad=True),
@@ -709,8 +718,7 @@ def test_decode_mix_query_kernel_equals_torch_gates(M, H, B, scale):
         one_thread = got
         torch.testing.assert_close(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
         w = torch.randn_like(ref)
-        for u, v in zip(torch.autograd.grad((got * w).sum(), ins), torch.autograd.grad((ref * w).sum(), ins)):
-            torch.testing.assert_close(u, v, rtol=tol, atol=tol * max(1.0, v.abs().max().item()))
+        _assert_same_grads(got, ref, w, ins, tol)
         # the centred Gram's gradient routed through the kernel: the same x gradient as autograd through the Gram
         G, mean = centered_gram_rows_last(ins[0].detach())
         got, Gout = decode_mix.decode_mix_query(*ins, gram=(G, mean))
@@ -729,17 +737,8 @@ def test_decode_mix_query_kernel_equals_torch_gates(M, H, B, scale):
             got = decode_mix.decode_mix_query(*ins, residual=(xres, alpha))
             ref = xres + alpha * _decode_mix_query_reference(*ins).transpose(0, 1)
             torch.testing.assert_close(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
-            u = torch.autograd.grad((got * w).sum(), [*ins, xres, alpha])
-            v = torch.autograd.grad((ref * w).sum(), [*ins, xres, alpha])
-            for a, b in zip(u, v):
-                torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        two = decode_mix.decode_mix_query(*ins)
-    finally:
-        torch.set_num_threads(threads)
-    torch.testing.assert_close(two, one_thread, rtol=1e-6, atol=1e-6)
+            _assert_same_grads(got, ref, w, [*ins, xres, alpha], tol)
+    torch.testing.assert_close(_with_two_threads(decode_mix.decode_mix_query, *ins), one_thread, rtol=1e-6, atol=1e-6)
     if scale == 1.0 and M * H > 1:  # finite differences over every input, 3 samples
         small = [t.detach()[..., :3] if i == 0 else t.detach() for i, t in enumerate(ins)]
         assert torch.autograd.gradcheck(decode_mix.decode_mix_query, [t.double().requires_grad_() for t in small])
