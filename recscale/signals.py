@@ -72,7 +72,7 @@ class GracefulStop(Callback):
                 print(f"recscale: received {signal.Signals(self.signum).name}; last.ckpt not refreshed: {e}",
                       file=sys.stderr, flush=True)
             return
-        if trainer.validating:  # stopped between validation batches of the fit (trainer.state.stage is still VALIDATING)
+        if trainer.validating:  # stopped between validation batches of the fit (the stage is still VALIDATING)
             _validate_again_on_resume(trainer.fit_loop.epoch_loop.val_loop.batch_progress)
         ck = trainer.checkpoint_callback
         where = Path(ck.dirpath) if ck is not None and ck.dirpath else Path(trainer.default_root_dir) / "checkpoints"
