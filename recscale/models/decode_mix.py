@@ -547,8 +547,21 @@ def applies(*tensors: Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu") and available())
 
 
-def _p(t: Tensor) -> int:
-    return t.data_ptr()
+def _p(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _run(entry: str, dtype: torch.dtype, *args) -> None:
+    """Calls ``{entry}_f32`` or ``{entry}_f64`` with ``args`` and the thread count; a non-zero return is a failed
+    allocation inside the kernel."""
+    suf = "f32" if dtype == torch.float32 else "f64"
+    if getattr(_lib, f"{entry}_{suf}")(*args, torch.get_num_threads()):
+        raise MemoryError(f"{entry}: out of memory for a kernel buffer")
+
+
+def _require() -> None:
+    if not available():
+        raise RuntimeError(f"the native decode-mix kernel is unavailable: {_why}")
 
 
 class DecodeMix(torch.autograd.Function):
@@ -561,10 +574,7 @@ class DecodeMix(torch.autograd.Function):
         M, F, D, B = x.shape
         K, H = A.shape[-1] // D, g.shape[1]
         R = torch.empty((F, H, D, B), dtype=x.dtype)
-        suf = "f32" if x.dtype == torch.float32 else "f64"
-        if getattr(_lib, f"decode_mix_fwd_{suf}")(_p(x), _p(A), _p(a), _p(g), _p(R), M, F, K, D, H, B,
-                                                  torch.get_num_threads()):
-            raise MemoryError("decode_mix: out of memory for a batch-sized row buffer")
+        _run("decode_mix_fwd", x.dtype, *map(_p, (x, A, a, g, R)), M, F, K, D, H, B)
         ctx.save_for_backward(x, A, a, g)
         return R
 
@@ -575,16 +585,12 @@ class DecodeMix(torch.autograd.Function):
         M, F, D, B = x.shape
         K, H = A.shape[-1] // D, g.shape[1]
         dx, dA, da, dg = (torch.empty_like(t) for t in (x, A, a, g))
-        suf = "f32" if x.dtype == torch.float32 else "f64"
-        if getattr(_lib, f"decode_mix_bwd_{suf}")(_p(x), _p(A), _p(a), _p(g), _p(dR), _p(dx), _p(dA), _p(da), _p(dg),
-                                                  M, F, K, D, H, B, torch.get_num_threads()):
-            raise MemoryError("decode_mix: out of memory for a batch-sized row buffer")
+        _run("decode_mix_bwd", x.dtype, *map(_p, (x, A, a, g, dR, dx, dA, da, dg)), M, F, K, D, H, B)
         return dx, dA, da, dg
 
 
 def decode_mix(x: Tensor, A: Tensor, a: Tensor, g: Tensor) -> Tensor:
-    if not available():
-        raise RuntimeError(f"the native decode-mix kernel is unavailable: {_why}")
+    _require()
     return DecodeMix.apply(x, A, a, g)
 
 
@@ -609,16 +615,13 @@ class DecodeMixQuery(torch.autograd.Function):
         M, F, D, B = x.shape
         K, H = A.shape[-1] // D, U.shape[-1] // (M * A.shape[-1] // D)
         R = torch.empty((H, F, D, B), dtype=x.dtype)
-        suf = "f32" if x.dtype == torch.float32 else "f64"
         ctx.res = xres is not None
         if ctx.res:
             xres = xres.contiguous()
             ctx.xres_shape = xres.shape
         ctx.alpha = 1.0 if alpha is None else float(alpha)
-        if getattr(_lib, f"decode_mix_q_fwd_{suf}")(*map(_p, (x, T, t0, U, c, A, a)), _p(xres) if ctx.res else None,
-                                                    xres.shape[0] if ctx.res else 0, ctx.alpha, _p(R), M, F, K, D,
-                                                    H, B, torch.get_num_threads()):
-            raise MemoryError("decode_mix: out of memory for a per-field buffer")
+        _run("decode_mix_q_fwd", x.dtype, *map(_p, (x, T, t0, U, c, A, a, xres)), xres.shape[0] if ctx.res else 0,
+             ctx.alpha, _p(R), M, F, K, D, H, B)
         ctx.save_for_backward(x, T, t0, U, c, A, a, mean, alpha)
         if G is None:
             return R
@@ -637,12 +640,8 @@ class DecodeMixQuery(torch.autograd.Function):
             mu = mean.to(x.dtype).contiguous()
         want_alpha = alpha is not None and ctx.needs_input_grad[10]
         dalpha = torch.empty(F, dtype=x.dtype) if want_alpha else None
-        suf = "f32" if x.dtype == torch.float32 else "f64"
-        if getattr(_lib, f"decode_mix_q_bwd_{suf}")(*map(_p, (x, T, t0, U, c, A, a)), None if S is None else _p(mu),
-                                                    None if S is None else _p(S), ctx.alpha, *map(_p, (dR, *grads)),
-                                                    None if dalpha is None else _p(dalpha), M, F, K, D, H, B,
-                                                    torch.get_num_threads()):
-            raise MemoryError("decode_mix: out of memory for a per-field buffer")
+        _run("decode_mix_q_bwd", x.dtype, *map(_p, (x, T, t0, U, c, A, a, mu, S)), ctx.alpha,
+             *map(_p, (dR, *grads, dalpha)), M, F, K, D, H, B)
         dxres = None
         if ctx.res and ctx.needs_input_grad[9]:  # the residual's input: dout, summed over heads when broadcast
             dxres = dR if ctx.xres_shape == dR.shape else dR.sum_to_size(ctx.xres_shape)
@@ -661,8 +660,7 @@ def decode_mix_query(x: Tensor, T: Tensor, t0: Tensor, U: Tensor, c: Tensor, A: 
                      residual: tuple[Tensor, Tensor | None] | None = None):
     """R, or (R, G) with ``gram = (G, mean)``; with ``residual = (xres, alpha)`` (alpha None: 1), ``xres + alpha R``
     in place of R (see ``DecodeMixQuery``)."""
-    if not available():
-        raise RuntimeError(f"the native decode-mix kernel is unavailable: {_why}")
+    _require()
     G, mean = (None, None) if gram is None else (gram[0].detach(), gram[1].detach())
     xres, alpha = (None, None) if residual is None else residual
     return DecodeMixQuery.apply(x, T, t0, U, c, A, a, G, mean, xres, alpha)
